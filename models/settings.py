@@ -1,0 +1,185 @@
+"""Configuration: one pydantic-settings class, read from ``ADPA_`` variables.
+
+With nothing configured, everything runs on an embedded default: a SQLite file
+and Celery's filesystem transport under ``ADPA_DATA_DIR``, so the system can be
+tried on a machine with no servers. Production, docker-compose and the
+integration tests point ``ADPA_DATABASE_URL`` at PostgreSQL and
+``ADPA_BROKER_URL`` at Redis.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Self
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.errors import SettingsError
+
+ENV_PREFIX = "ADPA_"
+
+
+class LogFormat(StrEnum):
+    """How log lines are written."""
+
+    #: JSON lines when stderr is not a terminal, readable text when it is.
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class Settings(BaseSettings):
+    """Every setting of the system; build it once with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    #: Folder for the embedded default: SQLite file, broker folders, documents.
+    data_dir: Path = Path(".adpa")
+    #: SQLAlchemy URL; empty means the SQLite file under ``data_dir``.
+    database_url: str = ""
+    #: Celery broker URL; empty means the filesystem transport under ``data_dir``.
+    broker_url: str = ""
+    #: Where documents are written: ``file:///abs/path`` or a plain path.
+    storage_url: str = ""
+
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    #: Connections each process may hold: pool size plus overflow.
+    db_pool_size: int = Field(default=2, ge=1, le=50)
+    db_max_overflow: int = Field(default=2, ge=0, le=50)
+
+    #: A render still running after this fails its job with a clear message.
+    render_timeout_s: float = Field(default=30.0, gt=0)
+    #: A task still running after this is interrupted and its job fails.
+    task_soft_time_limit_s: int = Field(default=60, ge=1)
+    #: The worker process running a task is killed after this.
+    task_time_limit_s: int = Field(default=90, ge=2)
+    #: Redis hands an unacknowledged message back after this long.
+    visibility_timeout_s: int = Field(default=3600, ge=60)
+    #: A running job whose lease is older than this is given back by the sweep.
+    lease_s: int = Field(default=120, ge=5)
+
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    retry_backoff_base_s: float = Field(default=2.0, gt=0)
+    retry_backoff_max_s: float = Field(default=300.0, gt=0)
+
+    #: Largest accepted job input, as JSON text.
+    max_input_bytes: int = Field(default=256 * 1024, ge=1024)
+    #: Largest document a render may produce.
+    max_output_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+
+    default_queue: str = Field(default="adpa.default", pattern=r"^[A-Za-z0-9_.-]+$")
+    bulk_queue: str = Field(default="adpa.bulk", pattern=r"^[A-Za-z0-9_.-]+$")
+
+    #: API key the CLI submits with, when ``--api-key`` is not given.
+    api_key: SecretStr | None = None
+
+    flower_user: str = "admin"
+    flower_password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Self:
+        if self.render_timeout_s >= self.task_soft_time_limit_s:
+            raise ValueError(
+                "ADPA_RENDER_TIMEOUT_S must be lower than ADPA_TASK_SOFT_TIME_LIMIT_S"
+            )
+        if self.task_soft_time_limit_s >= self.task_time_limit_s:
+            raise ValueError(
+                "ADPA_TASK_SOFT_TIME_LIMIT_S must be lower than ADPA_TASK_TIME_LIMIT_S"
+            )
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ValueError(
+                "ADPA_VISIBILITY_TIMEOUT_S must be longer than ADPA_TASK_TIME_LIMIT_S, "
+                "or Redis hands running jobs to a second worker"
+            )
+        if self.visibility_timeout_s <= self.retry_backoff_max_s:
+            raise ValueError(
+                "ADPA_VISIBILITY_TIMEOUT_S must be longer than "
+                "ADPA_RETRY_BACKOFF_MAX_S, or delayed retries are delivered twice"
+            )
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'adpa.sqlite3').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def storage_root(self) -> Path:
+        url = self.storage_url
+        if not url:
+            return (self.data_dir / "documents").resolve()
+        if url.startswith("file://"):
+            return Path(url.removeprefix("file://")).resolve()
+        if "://" in url:
+            raise SettingsError("ADPA_STORAGE_URL", "only file:// storage is supported")
+        return Path(url).resolve()
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+    def celery_config(self) -> dict[str, Any]:
+        """Celery settings shared by the producer's and the worker's apps."""
+        config: dict[str, Any] = {
+            "broker_url": self.resolved_broker_url,
+            "task_serializer": "json",
+            "accept_content": ["json"],
+            "result_backend": None,
+            "task_ignore_result": True,
+            "task_default_queue": self.default_queue,
+            "task_create_missing_queues": True,
+            "broker_connection_retry_on_startup": True,
+            "broker_connection_max_retries": 10,
+            "enable_utc": True,
+        }
+        if self.uses_embedded_broker:
+            folder = str((self.data_dir / "broker").resolve())
+            config["broker_transport_options"] = {
+                "data_folder_in": folder,
+                "data_folder_out": folder,
+                "processed_folder": str((self.data_dir / "broker-done").resolve()),
+                "store_processed": False,
+                # The folder is polled; the default second makes a demo crawl.
+                "polling_interval": 0.05,
+            }
+        else:
+            config["broker_transport_options"] = {
+                "visibility_timeout": self.visibility_timeout_s,
+            }
+        return config
+
+    def ensure_data_dirs(self) -> None:
+        """Create the folders the embedded default and local storage write to."""
+        self.storage_root.mkdir(parents=True, exist_ok=True)
+        if not self.database_url or self.uses_embedded_broker:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.uses_embedded_broker:
+            (self.data_dir / "broker").mkdir(parents=True, exist_ok=True)
+            (self.data_dir / "broker-done").mkdir(parents=True, exist_ok=True)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning a validation error into one readable line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = [str(part) for part in first["loc"]]
+        variable = ENV_PREFIX + location[0].upper() if location else None
+        message = first["msg"].removeprefix("Value error, ")
+        raise SettingsError(variable, message) from None

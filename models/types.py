@@ -1,0 +1,92 @@
+"""Column types and SQL functions that behave the same on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import JSON, CursorResult, DateTime, Float, Result, literal
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.types import TypeDecorator
+
+#: JSONB on PostgreSQL, JSON text elsewhere.
+JsonDocument = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A ``timestamptz`` that always comes back timezone-aware, in UTC.
+
+    SQLite has no timezone type and returns naive values; they are stored in
+    UTC, so they are marked as such on the way out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(
+        self, value: datetime | None, dialect: Dialect
+    ) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given for a timezone-aware column")
+        if dialect.name == "sqlite":
+            return value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(
+        self, value: datetime | None, dialect: Dialect
+    ) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class utcnow(FunctionElement[datetime]):  # noqa: N801 - reads as a SQL function
+    """The database's current time: ``now()``, or UTC with microseconds on SQLite."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(utcnow)
+def _utcnow_default(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
+    return "now()"
+
+
+@compiles(utcnow, "sqlite")
+def _utcnow_sqlite(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
+    return "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
+class utc_after(FunctionElement[datetime]):  # noqa: N801 - reads as a SQL function
+    """The database's current time plus a number of seconds (a bound parameter)."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(literal(float(seconds), Float()))
+
+
+@compiles(utc_after)
+def _utc_after_default(element: utc_after, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    return f"(now() + make_interval(secs => {seconds}))"
+
+
+@compiles(utc_after, "sqlite")
+def _utc_after_sqlite(element: utc_after, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    return (
+        f"strftime('%Y-%m-%d %H:%M:%f', 'now', CAST({seconds} AS TEXT) || ' seconds')"
+    )
+
+
+def rows_changed(result: Result[Any]) -> int:
+    """How many rows an UPDATE or DELETE changed."""
+    return cast(CursorResult[Any], result).rowcount

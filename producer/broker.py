@@ -1,0 +1,62 @@
+"""Sending tasks by name, through a Celery app built from the shared settings.
+
+The producer never imports worker code: it knows the task's name and the
+queue, and the worker registers the task under that name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+from celery import Celery
+
+from models.settings import Settings
+
+#: The worker's task that renders one job; kept in step with ``worker.app``.
+TASK_RENDER = "adpa.render_document"
+
+logger = structlog.get_logger(__name__)
+
+_RETRY_POLICY = {
+    "max_retries": 3,
+    "interval_start": 0.2,
+    "interval_step": 0.5,
+    "interval_max": 2.0,
+}
+
+
+def create_sender(settings: Settings) -> Celery:
+    """A Celery app used only to send messages."""
+    settings.ensure_data_dirs()
+    app = Celery("adpa-producer", set_as_current=False)
+    app.conf.update(settings.celery_config())
+    return app
+
+
+def send_jobs(app: Celery, job_ids: Sequence[int], queue: str) -> list[int]:
+    """Send one message per job; returns the ids the broker accepted.
+
+    A job whose message could not be sent stays queued in the database and is
+    sent again by the sweep, so a broker outage loses no accepted job.
+    """
+    sent: list[int] = []
+    try:
+        with app.producer_or_acquire() as producer:
+            for job_id in job_ids:
+                app.send_task(
+                    TASK_RENDER,
+                    args=[job_id],
+                    queue=queue,
+                    producer=producer,
+                    retry=True,
+                    retry_policy=_RETRY_POLICY,
+                )
+                sent.append(job_id)
+    except Exception as exc:  # kombu raises many kinds for an unreachable broker
+        logger.warning(
+            "job_enqueue_deferred",
+            reason=f"{type(exc).__name__}: {exc}",
+            unsent=len(job_ids) - len(sent),
+        )
+    return sent

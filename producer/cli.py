@@ -1,0 +1,482 @@
+"""``adpa``: the command line for people and batch scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, TextIO
+
+import click
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+
+from models import accounts, jobs, migrate
+from models.db import session_scope
+from models.errors import AdpaError, InvalidInput, NotFound, SettingsError
+from models.logs import configure_logging
+from models.settings import Settings, load_settings
+from models.tables import Job, JobStatus, Template
+from models.templates import TemplateSpec, list_templates, register_template
+from producer.client import JobClient
+from producer.samples import load_samples
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings: Settings = ctx.obj
+    return settings
+
+
+pass_settings = click.make_pass_decorator(Settings)
+
+
+@click.group()
+@click.version_option(package_name="adpa-jobs")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Turn templates into documents, asynchronously.
+
+    Settings come from ADPA_* environment variables or a .env file; with none,
+    everything runs on an embedded default under ./.adpa (SQLite and a
+    filesystem broker).
+    """
+    settings = load_settings()
+    configure_logging(settings)
+    ctx.obj = settings
+
+
+# -- database -------------------------------------------------------------
+
+
+@cli.group()
+def db() -> None:
+    """Database schema migrations."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@pass_settings
+def db_upgrade(settings: Settings, revision: str) -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+    migrate.upgrade(settings, revision)
+    console.print(f"database at revision {migrate.current_revision(settings)}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+@pass_settings
+def db_downgrade(settings: Settings, revision: str) -> None:
+    """Revert migrations down to REVISION ('base' removes every table)."""
+    migrate.downgrade(settings, revision)
+    console.print(f"database at revision {migrate.current_revision(settings)}")
+
+
+@db.command("current")
+@pass_settings
+def db_current(settings: Settings) -> None:
+    """Print the database's revision."""
+    console.print(migrate.current_revision(settings) or "empty (no migrations applied)")
+
+
+# -- users and keys -------------------------------------------------------
+
+
+@cli.group()
+def users() -> None:
+    """Users who submit jobs."""
+
+
+@users.command("create")
+@click.argument("username")
+@click.option("--email", required=True)
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+@click.option("--role", type=click.Choice(["user", "admin"]), default="user")
+@pass_settings
+def users_create(
+    settings: Settings, username: str, email: str, password: str, role: str
+) -> None:
+    """Create a user."""
+    with session_scope(settings) as session:
+        user = accounts.create_user(session, username, email, password, role=role)
+        console.print(f"created user {user.username} (id {user.user_id})")
+
+
+@cli.group()
+def keys() -> None:
+    """API keys: issue, list, revoke."""
+
+
+@keys.command("create")
+@click.argument("username")
+@click.option("--name", help="What the key is for.")
+@pass_settings
+def keys_create(settings: Settings, username: str, name: str | None) -> None:
+    """Issue a key for USERNAME; it is printed once and never stored."""
+    with session_scope(settings) as session:
+        issued = accounts.issue_api_key(
+            session, accounts.get_user(session, username), name
+        )
+    errors.print(
+        f"API key {issued.prefix} for {username}; store it now, it is not kept:"
+    )
+    click.echo(issued.secret)
+
+
+@keys.command("list")
+@click.argument("username")
+@pass_settings
+def keys_list(settings: Settings, username: str) -> None:
+    """List a user's keys by prefix."""
+    table = Table("prefix", "name", "created", "revoked")
+    with session_scope(settings) as session:
+        for key in accounts.list_api_keys(
+            session, accounts.get_user(session, username)
+        ):
+            table.add_row(
+                key.prefix, key.name or "", _when(key.created_at), _when(key.revoked_at)
+            )
+    console.print(table)
+
+
+@keys.command("revoke")
+@click.argument("prefix")
+@pass_settings
+def keys_revoke(settings: Settings, prefix: str) -> None:
+    """Revoke the key with PREFIX; submissions with it are refused from now on."""
+    with session_scope(settings) as session:
+        accounts.revoke_api_key(session, prefix)
+    console.print(f"revoked API key {prefix}")
+
+
+# -- templates ------------------------------------------------------------
+
+
+@cli.group()
+def templates() -> None:
+    """Templates: register, list, load the samples."""
+
+
+@templates.command("load-samples")
+@pass_settings
+def templates_load_samples(settings: Settings) -> None:
+    """Register the sample templates shipped with adpa."""
+    with session_scope(settings) as session:
+        names = load_samples(session)
+    console.print(f"registered {len(names)} sample templates: {', '.join(names)}")
+
+
+@templates.command("add")
+@click.argument("name")
+@click.argument("source", type=click.File("r", encoding="utf-8"))
+@click.option("--description")
+@click.option("--category")
+@click.option("--tag", "tags", multiple=True, help="Repeat for several tags.")
+@pass_settings
+def templates_add(
+    settings: Settings,
+    name: str,
+    source: TextIO,
+    description: str | None,
+    category: str | None,
+    tags: tuple[str, ...],
+) -> None:
+    """Register (or replace) template NAME from SOURCE (a file, or - for stdin)."""
+    spec = TemplateSpec(name, source.read(), description, category, tags)
+    with session_scope(settings) as session:
+        template = register_template(session, spec)
+        variables = ", ".join(template.variables) or "none"
+    console.print(f"registered {name}; variables: {variables}")
+
+
+@templates.command("list")
+@pass_settings
+def templates_list(settings: Settings) -> None:
+    """List the registered templates."""
+    table = Table("name", "category", "tags", "variables")
+    with session_scope(settings) as session:
+        for t in list_templates(session):
+            table.add_row(
+                t.name, t.category or "", ", ".join(t.tags), str(len(t.variables))
+            )
+    console.print(table)
+
+
+# -- jobs -----------------------------------------------------------------
+
+
+def _api_key(settings: Settings, given: str | None) -> str:
+    if given:
+        return given
+    if settings.api_key is not None:
+        return settings.api_key.get_secret_value()
+    raise click.UsageError("no API key: pass --api-key or set ADPA_API_KEY")
+
+
+def _read_input(source: TextIO) -> Any:
+    text = source.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        name = getattr(source, "name", "input")
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise InvalidInput(f"{name} is not valid JSON: {exc.msg} at {where}") from None
+
+
+@cli.command()
+@click.option("--template", "-t", "template_name", required=True, help="Template name.")
+@click.option(
+    "--input",
+    "-i",
+    "source",
+    type=click.File("r", encoding="utf-8"),
+    required=True,
+    help="JSON object file, or - for standard input.",
+)
+@click.option("--api-key", help="Defaults to ADPA_API_KEY.")
+@click.option(
+    "--idempotency-key", help="Submitting twice with it returns the first job."
+)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Wait up to SECONDS for the job to finish.",
+)
+@pass_settings
+def submit(
+    settings: Settings,
+    template_name: str,
+    source: TextIO,
+    api_key: str | None,
+    idempotency_key: str | None,
+    wait_s: float | None,
+) -> None:
+    """Submit one job and print its id."""
+    input_data = _read_input(source)
+    with JobClient(_api_key(settings, api_key), settings) as client:
+        job_id = client.submit(
+            template_name, input_data, idempotency_key=idempotency_key
+        )
+        click.echo(job_id)
+        if wait_s is not None:
+            view = client.wait(job_id, timeout_s=wait_s)
+            errors.print(
+                f"job {job_id} {view.status}: "
+                f"{(view.output_data or {}).get('file_path') or view.last_error}"
+            )
+            if view.status != JobStatus.SUCCEEDED:
+                sys.exit(1)
+
+
+@cli.group("jobs")
+def jobs_group() -> None:
+    """Inspect jobs."""
+
+
+@jobs_group.command("list")
+@click.option("--status", type=click.Choice([s.value for s in JobStatus]))
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
+@pass_settings
+def jobs_list(settings: Settings, status: str | None, limit: int) -> None:
+    """List the newest jobs."""
+    query = (
+        select(Job, Template.name)
+        .join(Template, Template.template_id == Job.template_id)
+        .order_by(Job.job_id.desc())
+        .limit(limit)
+    )
+    if status:
+        query = query.where(Job.status == status)
+    table = Table(
+        "job",
+        "template",
+        "status",
+        "attempts",
+        "created",
+        "duration",
+        "document or error",
+    )
+    with session_scope(settings) as session:
+        for job, name in session.execute(query):
+            table.add_row(
+                str(job.job_id),
+                name,
+                _styled(job.status),
+                str(job.attempts),
+                _when(job.created_at),
+                _duration(job),
+                _result(job),
+            )
+        counts = dict(
+            session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+        )
+    console.print(table)
+    console.print(
+        ", ".join(f"{s}: {n}" for s, n in sorted(counts.items())) or "no jobs"
+    )
+
+
+@jobs_group.command("show")
+@click.argument("job_id", type=int)
+@pass_settings
+def jobs_show(settings: Settings, job_id: int) -> None:
+    """Show one job: state, timestamps, documents and every log line."""
+    with session_scope(settings) as session:
+        job = jobs.get_job(session, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        summary = Table.grid(padding=(0, 2))
+        for label, value in (
+            ("job", str(job.job_id)),
+            ("template", job.template.name),
+            ("user", job.user.username),
+            ("status", _styled(job.status)),
+            ("queue", job.queue),
+            ("attempts", f"{job.attempts} of {job.max_attempts}"),
+            ("created", _when(job.created_at)),
+            ("started", _when(job.started_at)),
+            ("finished", _when(job.finished_at)),
+            ("updated", _when(job.updated_at)),
+            (
+                "error",
+                f"[{job.last_error_kind}] {job.last_error}" if job.last_error else "",
+            ),
+        ):
+            summary.add_row(f"[bold]{label}[/]", value)
+        console.print(summary)
+
+        documents = Table("document", "path", "bytes", "sha256", title="documents")
+        for d in jobs.job_documents(session, job_id):
+            documents.add_row(
+                str(d.document_id), d.file_path, str(d.file_size), d.sha256[:16]
+            )
+        console.print(documents)
+
+        logs = Table("time", "level", "event", "attempt", "message", title="log")
+        for entry in jobs.job_logs(session, job_id):
+            logs.add_row(
+                _when(entry.timestamp),
+                entry.log_level,
+                entry.event,
+                str(entry.attempt),
+                entry.message,
+            )
+        console.print(logs)
+
+
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
+)
+@click.option(
+    "--concurrency", "-c", type=click.IntRange(1, 64), default=2, show_default=True
+)
+@click.pass_context
+def worker(ctx: click.Context, concurrency: int) -> None:
+    """Run a Celery worker for both queues (extra arguments go to celery)."""
+    settings = _settings(ctx)
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "worker",
+        "-P",
+        "prefork",
+        "-c",
+        str(concurrency),
+        "-Q",
+        f"{settings.default_queue},{settings.bulk_queue}",
+        *ctx.args,
+    ]
+    os.execv(sys.executable, argv)
+
+
+@cli.command()
+@click.option(
+    "--jobs",
+    "job_count",
+    type=click.IntRange(1, 300),
+    default=120,
+    show_default=True,
+    help="How many sample jobs to submit.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for every job to finish.",
+)
+@click.option("--concurrency", type=click.IntRange(1, 16), default=2, show_default=True)
+@pass_settings
+def demo(
+    settings: Settings, job_count: int, timeout_s: float, concurrency: int
+) -> None:
+    """Run the whole system once, on whatever is configured."""
+    from producer.demo import run_demo
+
+    ok = run_demo(
+        settings,
+        console,
+        job_count=job_count,
+        timeout_s=timeout_s,
+        concurrency=concurrency,
+    )
+    sys.exit(0 if ok else 1)
+
+
+# -- formatting -----------------------------------------------------------
+
+_STATUS_STYLE = {
+    "queued": "yellow",
+    "running": "cyan",
+    "succeeded": "green",
+    "failed": "red",
+    "canceled": "magenta",
+}
+
+
+def _styled(status: str) -> str:
+    return f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]"
+
+
+def _when(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else ""
+
+
+def _duration(job: Job) -> str:
+    if job.started_at and job.finished_at:
+        return f"{(job.finished_at - job.started_at).total_seconds():.2f}s"
+    return ""
+
+
+def _result(job: Job) -> str:
+    if job.output_data:
+        return str(job.output_data.get("file_path", ""))
+    return job.last_error or ""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one clear line on stderr for every expected error."""
+    try:
+        cli.main(args=argv, prog_name="adpa", standalone_mode=False)
+    except click.exceptions.Abort:
+        errors.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except SettingsError as exc:
+        errors.print(f"adpa: {exc}", markup=False, highlight=False)
+        sys.exit(2)
+    except (AdpaError, TimeoutError) as exc:
+        errors.print(f"adpa: error: {exc}", markup=False, highlight=False)
+        sys.exit(1)

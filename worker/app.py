@@ -1,0 +1,89 @@
+"""The Celery app the workers run: ``celery -A worker.app worker``.
+
+It is configured for delivery that loses nothing: a message is acknowledged
+only after its job is recorded, goes back to the queue when the process
+running it dies, and each process takes one message at a time. PostgreSQL
+holds every outcome, so there is no result backend.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import structlog
+from celery import Celery, signals
+from kombu import Queue
+
+from models.db import dispose_engines
+from models.errors import SettingsError
+from models.logs import configure_logging
+from models.settings import Settings, load_settings
+
+TASK_RENDER = "adpa.render_document"
+
+
+def _load() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"adpa worker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app configured from the settings."""
+    settings.ensure_data_dirs()
+    app = Celery("adpa", include=["worker.tasks"])
+    app.conf.update(settings.celery_config())
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_queues=[Queue(settings.default_queue), Queue(settings.bulk_queue)],
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+    )
+    if settings.uses_embedded_broker:
+        # The filesystem transport has no broadcast: no remote control, so no
+        # events for Flower either. The embedded default is for trying things.
+        app.conf.update(
+            worker_enable_remote_control=False, worker_send_task_events=False
+        )
+    app.conf.adpa_settings = settings
+    return app
+
+
+settings = _load()
+app = create_app(settings)
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_kwargs: Any) -> None:
+    configure_logging(settings)
+
+
+@signals.worker_process_init.connect
+def _after_fork(**_kwargs: Any) -> None:
+    # Connections opened before the fork belong to the parent.
+    dispose_engines()
+    configure_logging(settings)
+
+
+@signals.task_prerun.connect
+def _bind_task_context(task_id: str | None = None, **kwargs: Any) -> None:
+    structlog.contextvars.clear_contextvars()
+    args = kwargs.get("args") or ()
+    structlog.contextvars.bind_contextvars(
+        task_id=task_id, job_id=args[0] if args else None
+    )
+
+
+@signals.task_postrun.connect
+def _clear_task_context(**_kwargs: Any) -> None:
+    structlog.contextvars.clear_contextvars()

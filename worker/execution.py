@@ -1,0 +1,210 @@
+"""One delivery of a job, step by step: claim, render, store, record.
+
+These are plain functions with explicit arguments, so they run the same under
+a Celery task and in a test. The task module only adapts their outcome to
+Celery (acknowledge, or retry after a delay).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+import structlog
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from models import jobs
+from models.db import session_scope
+from models.errors import PermanentError, RenderTimeout, TransientError
+from models.jobs import ClaimedJob, StoredDocument
+from models.settings import Settings
+from worker.rendering import render
+from worker.storage import Storage, safe_file_name
+
+logger = structlog.get_logger(__name__)
+
+
+class Outcome(StrEnum):
+    """How a delivery ended, as far as the broker needs to know."""
+
+    #: The job reached an end state, or another delivery owns it.
+    DONE = "done"
+    #: The job was given back to the queue; send it again after a delay.
+    RETRY = "retry"
+    #: The delivery came before the job's time; send it again then.
+    EARLY = "early"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The result of :func:`run_job`."""
+
+    outcome: Outcome
+    delay_s: float = 0.0
+
+
+class _ClaimLost(Exception):
+    """The job moved on while this delivery rendered it."""
+
+
+def backoff_delay(settings: Settings, attempt: int) -> float:
+    """Exponential backoff with full jitter, capped."""
+    ceiling = min(
+        settings.retry_backoff_max_s,
+        settings.retry_backoff_base_s * 2 ** max(attempt - 1, 0),
+    )
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def document_path(claim: ClaimedJob) -> str:
+    """Where an attempt's document goes; each attempt has its own folder."""
+    name = safe_file_name(claim.template_name)
+    return f"{claim.job_id}/{claim.attempt}/{name}-{claim.job_id}.md"
+
+
+def run_job(
+    job_id: int, *, task_id: str, worker: str, settings: Settings, storage: Storage
+) -> Delivery:
+    """Take one delivery of a job as far as it can go."""
+    log = logger.bind(job_id=job_id, task_id=task_id)
+    with session_scope(settings) as session:
+        claim = jobs.claim_job(
+            session, job_id, worker=worker, task_id=task_id, lease_s=settings.lease_s
+        )
+        if claim is None:
+            reason, due_in_s = jobs.describe_unclaimable(session, job_id)
+    if claim is None:
+        log.info("delivery_skipped", reason=reason)
+        if due_in_s is not None:
+            return Delivery(Outcome.EARLY, due_in_s)
+        return Delivery(Outcome.DONE)
+
+    structlog.contextvars.bind_contextvars(
+        template_name=claim.template_name, attempt=claim.attempt
+    )
+    log.info("job_claimed")
+    started = time.monotonic()
+    try:
+        document = _render_and_store(claim, settings, storage)
+        _record_success(claim, document, settings, storage, started)
+    except _ClaimLost:
+        log.warning("claim_lost", reason="the job moved on while it was rendered")
+        return Delivery(Outcome.DONE)
+    except (PermanentError, SoftTimeLimitExceeded) as exc:
+        _record_failure(claim, exc, settings)
+        return Delivery(Outcome.DONE)
+    except (TransientError, OperationalError, DBAPIError) as exc:
+        return _record_transient(claim, exc, settings)
+    return Delivery(Outcome.DONE)
+
+
+def _render_and_store(
+    claim: ClaimedJob, settings: Settings, storage: Storage
+) -> StoredDocument:
+    text = render(
+        claim.template_content,
+        claim.input_data,
+        max_output_bytes=settings.max_output_bytes,
+        timeout_s=settings.render_timeout_s,
+    )
+    logger.info("template_rendered", chars=len(text))
+    document = storage.write(document_path(claim), text.encode())
+    logger.info(
+        "document_written", file_path=document.file_path, size=document.file_size
+    )
+    return document
+
+
+def _record_success(
+    claim: ClaimedJob,
+    document: StoredDocument,
+    settings: Settings,
+    storage: Storage,
+    started: float,
+) -> None:
+    """Commit the document row, the final status and the log lines together."""
+    duration_ms = round((time.monotonic() - started) * 1000)
+    try:
+        with session_scope(settings) as session:
+            jobs.add_log(
+                session,
+                claim.job_id,
+                "rendered",
+                f"{claim.template_name} rendered in {duration_ms} ms",
+                attempt=claim.attempt,
+            )
+            if not jobs.complete_job(session, claim, document):
+                raise _ClaimLost
+    except BaseException:
+        _discard_unrecorded(document, settings, storage)
+        raise
+    logger.info("job_succeeded", duration_ms=duration_ms, file_path=document.file_path)
+
+
+def _discard_unrecorded(
+    document: StoredDocument, settings: Settings, storage: Storage
+) -> None:
+    """Remove a written file whose row did not commit.
+
+    When the database cannot say (the commit's answer was lost with the
+    connection), the file stays: a stray file is harmless, while a row pointing
+    at a deleted file would break the one-outcome rule.
+    """
+    try:
+        with session_scope(settings) as session:
+            recorded = jobs.document_recorded(session, document.file_path)
+        if not recorded:
+            storage.remove(document.file_path)
+    except Exception:
+        logger.warning("document_left_unverified", file_path=document.file_path)
+
+
+def _record_failure(
+    claim: ClaimedJob, exc: PermanentError | SoftTimeLimitExceeded, settings: Settings
+) -> None:
+    error = (
+        exc
+        if isinstance(exc, PermanentError)
+        else RenderTimeout(
+            f"task passed its soft time limit of {settings.task_soft_time_limit_s}s"
+        )
+    )
+    with session_scope(settings) as session:
+        recorded = jobs.fail_job(session, claim, error.kind, str(error))
+    if recorded:
+        logger.error("job_failed", error_kind=error.kind, error=str(error))
+    else:
+        logger.warning("claim_lost", reason="the job moved on before it failed")
+
+
+def _record_transient(
+    claim: ClaimedJob, exc: Exception, settings: Settings
+) -> Delivery:
+    kind = exc.kind if isinstance(exc, TransientError) else "database_error"
+    error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if claim.attempt >= claim.max_attempts:
+        message = f"{error} (gave up after {claim.attempt} attempts)"
+        try:
+            with session_scope(settings) as session:
+                jobs.fail_job(session, claim, kind, message)
+        except (OperationalError, DBAPIError):
+            logger.warning("job_left_running", reason="database unreachable")
+            return Delivery(Outcome.DONE)
+        logger.error("job_failed", error_kind=kind, error=message)
+        return Delivery(Outcome.DONE)
+
+    delay_s = backoff_delay(settings, claim.attempt)
+    try:
+        with session_scope(settings) as session:
+            requeued = jobs.requeue_job(session, claim, kind, error, delay_s=delay_s)
+    except (OperationalError, DBAPIError):
+        # The job stays running; when its lease runs out the sweep gives it back.
+        logger.warning("job_left_running", reason="database unreachable", error=error)
+        return Delivery(Outcome.DONE)
+    if not requeued:
+        return Delivery(Outcome.DONE)
+    logger.warning("job_retry_scheduled", error_kind=kind, error=error, delay_s=delay_s)
+    return Delivery(Outcome.RETRY, delay_s)
