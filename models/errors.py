@@ -84,6 +84,12 @@ class RenderTimeout(PermanentError):
     kind = "render_timeout"
 
 
+class InternalError(PermanentError):
+    """Raised in place of an unexpected exception while a job ran."""
+
+    kind = "internal_error"
+
+
 class StorageError(TransientError):
     """Raised when a document cannot be written to the storage root."""
 

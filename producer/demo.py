@@ -117,8 +117,8 @@ def _start_worker(settings: Settings, concurrency: int) -> subprocess.Popen[byte
         "-n",
         f"demo-{os.getpid()}@%h",
     ]
-    log = open(settings.data_dir / "demo-worker.log", "ab")  # noqa: SIM115
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    with open(settings.data_dir / "demo-worker.log", "ab") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _stop_worker(process: subprocess.Popen[bytes]) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from models import jobs
 from models.db import session_scope
-from models.errors import PermanentError, RenderTimeout, TransientError
+from models.errors import InternalError, PermanentError, RenderTimeout, TransientError
 from models.jobs import ClaimedJob, StoredDocument
 from models.settings import Settings
 from worker.rendering import render
@@ -98,6 +98,10 @@ def run_job(
         return Delivery(Outcome.DONE)
     except (TransientError, OperationalError, DBAPIError) as exc:
         return _record_transient(claim, exc, settings)
+    except Exception as exc:
+        # A bug of ours must not leave the job running until its lease ends.
+        log.exception("job_crashed")
+        _record_failure(claim, InternalError(f"{type(exc).__name__}: {exc}"), settings)
     return Delivery(Outcome.DONE)
 
 

@@ -7,6 +7,7 @@ file. Paths are relative to the storage root and may never leave it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -69,7 +70,8 @@ class LocalStorage:
             os.replace(temporary, target)
             _fsync_dir(target.parent)
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
             raise StorageError(
                 f"cannot write {relative_path}: {exc.strerror or exc}"
             ) from exc

@@ -1,0 +1,199 @@
+"""Schema rules and producer behaviour on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+
+from models import accounts
+from models.db import session_scope
+from models.errors import AuthenticationError, InvalidInput, TemplateNotFound
+from models.settings import Settings
+from models.tables import Template, TemplateTag
+from models.templates import TemplateSpec, register_template
+from producer.client import JobClient, JobRequest
+from producer.samples import sample_input
+from tests.services import Account, fetch_one
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(idle_client: JobClient) -> JobClient:
+    """Jobs stay where the test puts them: no worker consumes their queue."""
+    return idle_client
+
+
+def _job_count(settings: Settings) -> int:
+    return int(fetch_one(settings, "SELECT count(*) FROM jobs")[0])
+
+
+def test_submit_commits_a_queued_job_with_its_creation_time(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """The row is queued, timestamped by the database, and marked as sent."""
+    job_id = client.submit("user-stories", sample_input("user-stories"))
+
+    status, created_at, enqueued_at, started_at = fetch_one(
+        clean_db,
+        "SELECT status, created_at, enqueued_at, started_at FROM jobs WHERE job_id = :j",
+        j=job_id,
+    )
+    assert status == "queued"
+    assert created_at.tzinfo is not None
+    assert enqueued_at >= created_at
+    assert started_at is None
+    assert [e.event for e in client.logs(job_id)] == ["submitted"]
+
+
+def test_unknown_template_is_refused_and_nothing_is_inserted(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """Submitting to a template that does not exist names it and inserts nothing."""
+    with pytest.raises(TemplateNotFound, match="unknown template 'nope'"):
+        client.submit("nope", {"a": 1})
+    assert _job_count(clean_db) == 0
+
+
+def test_one_bad_request_refuses_the_whole_batch_naming_it(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """A batch with a bad line is refused whole, and the error names the line."""
+    good = JobRequest("user-stories", sample_input("user-stories"))
+    with pytest.raises(InvalidInput, match=r"request 3: job input must be a JSON object"):
+        client.submit_many([good, good, JobRequest("user-stories", [1, 2])])
+    assert _job_count(clean_db) == 0
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda key: key + "x",
+        lambda key: "adpa_deadbeef_" + key.split("_", 2)[2],
+        lambda key: key.replace("adpa_", "", 1),
+    ],
+    ids=["wrong-secret", "unknown-prefix", "malformed"],
+)
+def test_a_bad_api_key_is_refused_and_nothing_is_inserted(
+    clean_db: Settings,
+    make_account: Callable[..., Account],
+    samples: list[str],
+    mangle: Callable[[str], str],
+) -> None:
+    """Unknown or malformed keys cannot submit."""
+    key = mangle(make_account().api_key)
+    with JobClient(key, clean_db) as client, pytest.raises(AuthenticationError):
+        client.submit("user-stories", sample_input("user-stories"))
+    assert _job_count(clean_db) == 0
+
+
+def test_a_revoked_key_is_refused_naming_the_key(
+    clean_db: Settings, make_account: Callable[..., Account], samples: list[str]
+) -> None:
+    """After revocation a key cannot submit, and the error says it was revoked."""
+    key = make_account().api_key
+    prefix = key.split("_")[1]
+    with session_scope(clean_db) as session:
+        accounts.revoke_api_key(session, prefix)
+
+    with JobClient(key, clean_db) as client, pytest.raises(
+        AuthenticationError, match=f"API key {prefix} was revoked"
+    ):
+        client.submit("user-stories", sample_input("user-stories"))
+    assert _job_count(clean_db) == 0
+
+
+def test_keys_and_passwords_are_stored_only_as_digests(
+    clean_db: Settings, make_account: Callable[..., Account]
+) -> None:
+    """Neither the API key nor the password appears in the database."""
+    account = make_account("ada")
+    digest, prefix = fetch_one(clean_db, "SELECT key_digest, prefix FROM api_keys")
+    password_hash = fetch_one(clean_db, "SELECT password_hash FROM users")[0]
+
+    assert account.api_key not in digest and len(digest) == 64
+    assert account.api_key.startswith(f"adpa_{prefix}_")
+    assert password_hash.startswith("$argon2id$")
+    assert accounts.verify_password(password_hash, "pw-ada")
+    assert not accounts.verify_password(password_hash, "pw-bob")
+
+
+def test_an_idempotency_key_returns_the_first_job(client: JobClient) -> None:
+    """Submitting twice with one key makes one job."""
+    data = sample_input("user-stories")
+    first = client.submit("user-stories", data, idempotency_key="batch-7/line-1")
+    second = client.submit("user-stories", data, idempotency_key="batch-7/line-1")
+    third = client.submit("user-stories", data, idempotency_key="batch-7/line-2")
+
+    assert first == second != third
+
+
+def test_template_tags_and_tag_rows_always_agree(clean_db: Settings) -> None:
+    """Registering and re-registering a template keeps both tag stores equal."""
+    for tags in (["Risk", "audit", "risk"], ["audit", "finance"], []):
+        with session_scope(clean_db) as session:
+            register_template(session, TemplateSpec("t", "{{ x }}", tags=tags))
+        with session_scope(clean_db) as session:
+            template = session.scalar(select(Template).where(Template.name == "t"))
+            assert template is not None
+            rows = session.scalars(
+                select(TemplateTag.tag).where(TemplateTag.template_id == template.template_id)
+            ).all()
+            assert template.tags == sorted(rows) == sorted({t.lower() for t in tags})
+
+
+def test_status_outside_the_lifecycle_is_refused(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """The CHECK constraint keeps jobs.status to the five lifecycle states."""
+    job_id = client.submit("user-stories", sample_input("user-stories"))
+    with pytest.raises(IntegrityError, match="ck_jobs_status"), session_scope(
+        clean_db
+    ) as session:
+        session.execute(text("UPDATE jobs SET status = 'done' WHERE job_id = :j"),
+                        {"j": job_id})
+
+
+def test_a_job_cannot_hold_the_same_file_twice(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """documents is unique per (job, file name)."""
+    job_id = client.submit("user-stories", sample_input("user-stories"))
+    insert = text(
+        "INSERT INTO documents (job_id, file_name, file_path, file_size, sha256) "
+        "VALUES (:j, 'a.md', :p, 1, 'x')"
+    )
+    with session_scope(clean_db) as session:
+        session.execute(insert, {"j": job_id, "p": "1/a.md"})
+    with pytest.raises(IntegrityError, match="uq_documents_job_id_file_name"), \
+            session_scope(clean_db) as session:
+        session.execute(insert, {"j": job_id, "p": "2/a.md"})
+
+
+def test_deleting_a_job_removes_its_logs_and_documents_and_nothing_else(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """Pruning a job cascades to its own rows only."""
+    kept = client.submit("user-stories", sample_input("user-stories"))
+    pruned = client.submit("user-stories", sample_input("user-stories"))
+    with session_scope(clean_db) as session:
+        for job_id in (kept, pruned):
+            session.execute(
+                text("INSERT INTO documents (job_id, file_name, file_path, file_size,"
+                     " sha256) VALUES (:j, 'a.md', :p, 1, 'x')"),
+                {"j": job_id, "p": f"{job_id}/a.md"},
+            )
+        session.execute(text("DELETE FROM jobs WHERE job_id = :j"), {"j": pruned})
+
+    counts = fetch_one(
+        clean_db,
+        "SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM documents),"
+        " (SELECT count(*) FROM job_logs WHERE job_id = :p),"
+        " (SELECT count(*) FROM job_logs WHERE job_id = :k),"
+        " (SELECT count(*) FROM users), (SELECT count(*) FROM templates)",
+        p=pruned, k=kept,
+    )
+    assert tuple(counts) == (1, 1, 0, 1, 1, 6)

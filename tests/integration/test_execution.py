@@ -1,0 +1,167 @@
+"""A delivery's steps on PostgreSQL, called directly: no broker, no worker."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from structlog.testing import capture_logs
+
+from models import jobs
+from models.db import session_scope
+from models.errors import StorageError
+from models.jobs import StoredDocument
+from models.settings import Settings
+from producer.client import JobClient
+from producer.samples import sample_input
+from worker.execution import Outcome, document_path, run_job
+from worker.storage import LocalStorage
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(idle_client: JobClient) -> JobClient:
+    """Jobs stay where the test puts them: no worker consumes their queue."""
+    return idle_client
+
+
+class BrokenStorage(LocalStorage):
+    """Local storage whose writes fail with a chosen exception."""
+
+    def __init__(self, root: Path, error: Exception) -> None:
+        super().__init__(root)
+        self.error = error
+
+    def write(self, relative_path: str, data: bytes) -> StoredDocument:
+        raise self.error
+
+
+def _submit_unsent(client: JobClient, template: str = "user-stories") -> int:
+    """Insert a job without a worker around to take it."""
+    return client.submit(template, sample_input(template))
+
+
+def _run(settings: Settings, job_id: int, storage: LocalStorage | None = None,
+         task_id: str = "t-1") -> Outcome:
+    storage = storage or LocalStorage(settings.storage_root)
+    return run_job(job_id, task_id=task_id, worker="test:1", settings=settings,
+                   storage=storage).outcome
+
+
+def test_a_second_delivery_does_nothing_but_log_why(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """Once a job is finished, another delivery changes nothing and says why."""
+    job_id = _submit_unsent(client)
+    assert _run(clean_db, job_id) == Outcome.DONE
+    first = client.get(job_id)
+
+    with capture_logs() as logs:
+        assert _run(clean_db, job_id, task_id="t-2") == Outcome.DONE
+
+    assert client.get(job_id).started_at == first.started_at
+    assert len(client.documents(job_id)) == 1
+    skipped = [e for e in logs if e["event"] == "delivery_skipped"]
+    assert skipped and skipped[0]["reason"] == "job is succeeded"
+
+
+def test_a_worker_whose_claim_was_taken_cannot_finish_the_job(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """The attempt number is the claim's token: a stale claim commits nothing."""
+    job_id = _submit_unsent(client)
+    with session_scope(clean_db) as session:
+        stale = jobs.claim_job(session, job_id, worker="a", task_id="a", lease_s=60)
+    assert stale is not None
+    # The sweep gives the job back and another worker claims it.
+    with session_scope(clean_db) as session:
+        session.execute(text("UPDATE jobs SET status = 'queued' WHERE job_id = :j"),
+                        {"j": job_id})
+        current = jobs.claim_job(session, job_id, worker="b", task_id="b", lease_s=60)
+    assert current is not None and current.attempt == stale.attempt + 1
+
+    storage = LocalStorage(clean_db.storage_root)
+    document = storage.write(document_path(stale), b"stale")
+    with session_scope(clean_db) as session:
+        assert not jobs.complete_job(session, stale, document)
+        assert not jobs.fail_job(session, stale, "template_error", "late")
+
+    with session_scope(clean_db) as session:
+        assert jobs.complete_job(session, current, storage.write(document_path(current),
+                                                                 b"current"))
+    assert client.get(job_id).status == "succeeded"
+    assert [d.file_path for d in client.documents(job_id)] == [document_path(current)]
+
+
+def test_a_delivery_before_the_job_is_due_asks_to_come_back(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """A job with a future not_before is not claimed; the delivery is told when."""
+    later = datetime.now(UTC) + timedelta(minutes=5)
+    job_id = client.submit("user-stories", sample_input("user-stories"), not_before=later)
+
+    delivery = run_job(job_id, task_id="t", worker="w", settings=clean_db,
+                       storage=LocalStorage(clean_db.storage_root))
+
+    assert delivery.outcome == Outcome.EARLY
+    assert 200 < delivery.delay_s <= 300
+    assert client.get(job_id).status == "queued"
+
+
+def test_an_unexpected_exception_fails_the_job_instead_of_leaving_it_running(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """A bug in a step ends the job failed, with the exception named."""
+    job_id = _submit_unsent(client)
+    storage = BrokenStorage(clean_db.storage_root, RuntimeError("disk driver bug"))
+
+    assert _run(clean_db, job_id, storage) == Outcome.DONE
+
+    job = client.get(job_id)
+    assert job.status == "failed"
+    assert job.last_error_kind == "internal_error"
+    assert job.last_error == "RuntimeError: disk driver bug"
+
+
+def test_a_transient_error_requeues_until_attempts_are_spent(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """Storage errors give the job back with a delay, then fail it on the last try."""
+    job_id = _submit_unsent(client)
+    storage = BrokenStorage(clean_db.storage_root, StorageError("storage busy"))
+
+    for attempt in range(1, clean_db.max_attempts):
+        assert _run(clean_db, job_id, storage) == Outcome.RETRY
+        job = client.get(job_id)
+        assert (job.status, job.attempts) == ("queued", attempt)
+        with session_scope(clean_db) as session:
+            session.execute(text("UPDATE jobs SET not_before = NULL WHERE job_id = :j"),
+                            {"j": job_id})
+
+    assert _run(clean_db, job_id, storage) == Outcome.DONE
+    job = client.get(job_id)
+    assert job.status == "failed"
+    assert job.last_error_kind == "storage_error"
+    assert f"gave up after {clean_db.max_attempts} attempts" in (job.last_error or "")
+    assert client.documents(job_id) == []
+
+
+def test_started_at_is_kept_across_attempts(client: JobClient, clean_db: Settings) -> None:
+    """A retried job keeps the started_at of its first claim."""
+    job_id = _submit_unsent(client)
+    storage = BrokenStorage(clean_db.storage_root, StorageError("storage busy"))
+    _run(clean_db, job_id, storage)
+    first_start = client.get(job_id).started_at
+    with session_scope(clean_db) as session:
+        session.execute(text("UPDATE jobs SET not_before = NULL WHERE job_id = :j"),
+                        {"j": job_id})
+
+    assert _run(clean_db, job_id) == Outcome.DONE
+
+    job = client.get(job_id)
+    assert job.status == "succeeded"
+    assert job.started_at == first_start
+    assert job.attempts == 2
