@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from models.errors import Conflict, NotFound
 from models.tables import Document, Job, JobLog, JobStatus, Template
 from models.types import rows_changed, utc_after, utcnow
 
@@ -281,6 +282,7 @@ def requeue_job(
         .values(
             status=JobStatus.QUEUED.value,
             not_before=utc_after(delay_s),
+            enqueued_at=utcnow(),
             last_error=error[:MAX_ERROR_CHARS],
             last_error_kind=error_kind,
             lease_expires_at=None,
@@ -330,3 +332,285 @@ def document_recorded(session: Session, file_path: str) -> bool:
         select(Document.document_id).where(Document.file_path == file_path)
     )
     return found is not None
+
+
+def renew_lease(session: Session, claim: ClaimedJob, lease_s: float) -> str:
+    """Extend a running job's lease; returns what the worker should do next.
+
+    ``"keep"`` while the claim holds, ``"cancel"`` once a user asked to stop
+    the job, ``"lost"`` when the claim moved on (the job was given back or
+    finished elsewhere).
+    """
+    row = session.execute(
+        update(Job)
+        .where(_running_claim(claim.job_id, claim.attempt))
+        .values(lease_expires_at=utc_after(lease_s))
+        .returning(Job.cancel_requested_at)
+    ).one_or_none()
+    if row is None:
+        return "lost"
+    return "cancel" if row[0] is not None else "keep"
+
+
+def cancel_running_claim(session: Session, claim: ClaimedJob) -> bool:
+    """End a running job as canceled at a safe point (nothing was recorded)."""
+    result = session.execute(
+        update(Job)
+        .where(_running_claim(claim.job_id, claim.attempt))
+        .where(Job.cancel_requested_at.is_not(None))
+        .values(
+            status=JobStatus.CANCELED.value,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if rows_changed(result) != 1:
+        return False
+    add_log(
+        session,
+        claim.job_id,
+        "canceled",
+        "stopped at a safe point",
+        attempt=claim.attempt,
+    )
+    return True
+
+
+def request_cancel(session: Session, job_id: int, user_id: int | None = None) -> str:
+    """Cancel a job: a queued one at once, a running one at its next safe point.
+
+    Returns the job's status after the call. ``user_id`` limits the call to
+    that user's jobs; operators pass None.
+    """
+    job = _locked_job(session, job_id, user_id)
+    if job.status == JobStatus.QUEUED.value:
+        job.status = JobStatus.CANCELED.value
+        job.finished_at = utcnow()
+        add_log(
+            session, job_id, "canceled", "canceled while queued", attempt=job.attempts
+        )
+    elif job.status == JobStatus.RUNNING.value:
+        if job.cancel_requested_at is None:
+            job.cancel_requested_at = utcnow()
+            add_log(
+                session,
+                job_id,
+                "cancel_requested",
+                "the worker stops at its next safe point",
+                attempt=job.attempts,
+            )
+    else:
+        raise Conflict(
+            f"job {job_id} is {job.status}; only queued or running jobs can be canceled"
+        )
+    session.flush()
+    return job.status
+
+
+def retry_job(session: Session, job_id: int, user_id: int | None = None) -> Job:
+    """Put a failed or canceled job back in the queue with its attempts reset."""
+    job = _locked_job(session, job_id, user_id)
+    if job.status not in (JobStatus.FAILED.value, JobStatus.CANCELED.value):
+        raise Conflict(
+            f"job {job_id} is {job.status}; only failed or canceled jobs can be retried"
+        )
+    previous = job.status
+    job.status = JobStatus.QUEUED.value
+    job.attempts = 0
+    job.started_at = None
+    job.finished_at = None
+    job.not_before = None
+    job.cancel_requested_at = None
+    job.lease_expires_at = None
+    job.worker = None
+    job.output_data = None
+    add_log(session, job_id, "retried", f"put back in the queue after it {previous}")
+    session.flush()
+    return job
+
+
+def _locked_job(session: Session, job_id: int, user_id: int | None) -> Job:
+    query = select(Job).where(Job.job_id == job_id).with_for_update()
+    if user_id is not None:
+        query = query.where(Job.user_id == user_id)
+    job = session.scalar(query)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What one sweep did."""
+
+    #: Queued jobs whose message is sent again: (job_id, queue).
+    resend: list[tuple[int, str]]
+    #: Running jobs with an expired lease, given back to the queue.
+    requeued: list[tuple[int, str]]
+    #: Running jobs with an expired lease and no attempts left, now failed.
+    failed: list[int]
+    #: Running jobs with an expired lease whose cancel was asked, now canceled.
+    canceled: list[int]
+
+
+def sweep(
+    session: Session, *, queued_after_s: float, unsent_after_s: float, limit: int
+) -> SweepResult:
+    """Find jobs whose message or worker was lost, and fix their rows.
+
+    Rows are locked with SKIP LOCKED, so sweeps on several machines share the
+    work instead of doing it twice. The caller sends the messages after the
+    commit.
+    """
+    now = session.scalar(select(utcnow()))
+    assert now is not None
+    stale_queued = session.execute(
+        select(Job.job_id, Job.queue)
+        .where(
+            Job.status == JobStatus.QUEUED.value,
+            or_(
+                Job.not_before.is_(None),
+                Job.not_before < now - timedelta(seconds=queued_after_s),
+            ),
+            or_(
+                and_(
+                    Job.enqueued_at.is_(None),
+                    Job.created_at < now - timedelta(seconds=unsent_after_s),
+                ),
+                Job.enqueued_at < now - timedelta(seconds=queued_after_s),
+            ),
+        )
+        .order_by(Job.job_id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    resend = [(job_id, queue) for job_id, queue in stale_queued]
+    if resend:
+        session.execute(
+            update(Job)
+            .where(Job.job_id.in_([job_id for job_id, _ in resend]))
+            .values(enqueued_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        for job_id, _ in resend:
+            add_log(
+                session,
+                job_id,
+                "resent",
+                "message sent again by the sweep",
+                level="WARNING",
+            )
+
+    expired = session.scalars(
+        select(Job)
+        .where(Job.status == JobStatus.RUNNING.value, Job.lease_expires_at < now)
+        .order_by(Job.job_id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    result = SweepResult(resend, [], [], [])
+    for job in expired:
+        _expire_lease(session, job, result)
+    session.flush()
+    return result
+
+
+def _expire_lease(session: Session, job: Job, result: SweepResult) -> None:
+    lost = f"worker {job.worker} stopped renewing its lease"
+    job.lease_expires_at = None
+    job.worker = None
+    if job.cancel_requested_at is not None:
+        job.status = JobStatus.CANCELED.value
+        job.finished_at = utcnow()
+        add_log(
+            session,
+            job.job_id,
+            "canceled",
+            f"{lost}; canceled as asked",
+            attempt=job.attempts,
+        )
+        result.canceled.append(job.job_id)
+    elif job.attempts >= job.max_attempts:
+        job.status = JobStatus.FAILED.value
+        job.finished_at = utcnow()
+        job.last_error = f"{lost} (gave up after {job.attempts} attempts)"
+        job.last_error_kind = "lease_expired"
+        add_log(
+            session,
+            job.job_id,
+            "failed",
+            job.last_error,
+            level="ERROR",
+            attempt=job.attempts,
+            error_kind="lease_expired",
+        )
+        result.failed.append(job.job_id)
+    else:
+        job.status = JobStatus.QUEUED.value
+        job.not_before = None
+        job.enqueued_at = utcnow()
+        job.last_error = lost
+        job.last_error_kind = "lease_expired"
+        add_log(
+            session,
+            job.job_id,
+            "requeued",
+            lost,
+            level="WARNING",
+            attempt=job.attempts,
+            error_kind="lease_expired",
+        )
+        result.requeued.append((job.job_id, job.queue))
+
+
+def end_lost_task(
+    session: Session,
+    job_id: int,
+    task_id: str,
+    error_kind: str,
+    error: str,
+    *,
+    requeue: bool,
+) -> str | None:
+    """Settle a job whose task process died or was killed, from the worker's parent.
+
+    Only the delivery named by ``task_id`` is settled, and only while it still
+    holds the job. With ``requeue`` the job goes back to the queue while it
+    has attempts left; otherwise it fails. Returns the new status, or None
+    when there was nothing to settle.
+    """
+    job = session.scalar(
+        select(Job)
+        .where(
+            Job.job_id == job_id,
+            Job.status == JobStatus.RUNNING.value,
+            Job.task_id == task_id,
+        )
+        .with_for_update()
+    )
+    if job is None:
+        return None
+    result = SweepResult([], [], [], [])
+    if requeue:
+        job.worker = f"{job.worker} (lost)"
+        _expire_lease(session, job, result)
+        job.last_error = error
+        job.last_error_kind = error_kind
+    else:
+        job.status = JobStatus.FAILED.value
+        job.finished_at = utcnow()
+        job.lease_expires_at = None
+        job.last_error = error
+        job.last_error_kind = error_kind
+        add_log(
+            session,
+            job_id,
+            "failed",
+            error,
+            level="ERROR",
+            attempt=job.attempts,
+            error_kind=error_kind,
+        )
+    session.flush()
+    return job.status

@@ -22,6 +22,8 @@ from models.errors import SandboxViolation, TemplateError
 
 #: Largest string or list one expression may build.
 MAX_VALUE_CHARS = 1_000_000
+#: Largest integer, in bits, one arithmetic expression may build.
+MAX_INT_BITS = 100_000
 _WIDE_FORMAT = re.compile(r"(?<![\d.])\d{7,}")
 
 
@@ -59,9 +61,11 @@ class BoundedSandbox(SandboxedEnvironment):
             for seq, count in ((left, right), (right, left)):
                 if isinstance(seq, str | list | tuple) and isinstance(count, int):
                     _refuse_large(_size(seq) * count, "a repetition")
+            if _is_int(left) and _is_int(right):
+                _refuse_big_int(left.bit_length() + right.bit_length())
         elif operator == "**":
-            if isinstance(right, int) and abs(right) > 1000:
-                raise SandboxViolation(f"an exponent of {right} is not allowed")
+            if _is_int(left) and _is_int(right) and right > 0:
+                _refuse_big_int(max(left.bit_length(), 1) * right)
         elif operator == "%" and isinstance(left, str) and _WIDE_FORMAT.search(left):
             raise SandboxViolation("a format width over six digits is not allowed")
         return super().call_binop(context, operator, left, right)
@@ -88,6 +92,19 @@ class BoundedSandbox(SandboxedEnvironment):
         }:
             _check_str_method(owner, name, args)
         return super().call(__context, __obj, *args, **kwargs)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _refuse_big_int(bits: int) -> None:
+    """Huge integers cost memory and C-level time that no signal interrupts."""
+    if bits > MAX_INT_BITS:
+        raise SandboxViolation(
+            f"an integer of about {bits} bits would be built; "
+            f"the limit is {MAX_INT_BITS}"
+        )
 
 
 def _check_str_method(owner: str, name: str, args: tuple[Any, ...]) -> None:

@@ -68,6 +68,15 @@ class Settings(BaseSettings):
     #: A running job whose lease is older than this is given back by the sweep.
     lease_s: int = Field(default=120, ge=5)
 
+    #: How often beat runs the sweep.
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    #: A queued job whose message went out this long ago is sent again.
+    sweep_queued_after_s: float = Field(default=600.0, gt=0)
+    #: A queued job never confirmed sent, this long after its insert, is sent.
+    sweep_unsent_after_s: float = Field(default=30.0, gt=0)
+    #: Most rows one sweep handles of each kind.
+    sweep_batch: int = Field(default=1000, ge=1)
+
     max_attempts: int = Field(default=5, ge=1, le=50)
     retry_backoff_base_s: float = Field(default=2.0, gt=0)
     retry_backoff_max_s: float = Field(default=300.0, gt=0)

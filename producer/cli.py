@@ -475,8 +475,8 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except SettingsError as exc:
-        errors.print(f"adpa: {exc}", markup=False, highlight=False)
+        click.echo(f"adpa: {exc}", err=True)
         sys.exit(2)
     except (AdpaError, TimeoutError) as exc:
-        errors.print(f"adpa: error: {exc}", markup=False, highlight=False)
+        click.echo(f"adpa: error: {exc}", err=True)
         sys.exit(1)

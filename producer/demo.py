@@ -117,8 +117,12 @@ def _start_worker(settings: Settings, concurrency: int) -> subprocess.Popen[byte
         "-n",
         f"demo-{os.getpid()}@%h",
     ]
+    # The worker must see exactly the demo's settings, whatever .env says.
+    env = dict(os.environ)
+    for field in ("database_url", "broker_url", "storage_url", "data_dir"):
+        env[f"ADPA_{field.upper()}"] = str(getattr(settings, field))
     with open(settings.data_dir / "demo-worker.log", "ab") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def _stop_worker(process: subprocess.Popen[bytes]) -> None:

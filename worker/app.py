@@ -21,6 +21,7 @@ from models.logs import configure_logging
 from models.settings import Settings, load_settings
 
 TASK_RENDER = "adpa.render_document"
+TASK_SWEEP = "adpa.sweep"
 
 
 def _load() -> Settings:
@@ -47,7 +48,16 @@ def create_app(settings: Settings) -> Celery:
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A task in flight when the broker connection drops finishes its
+        # database work; its message, if redelivered, finds the job done.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        beat_schedule={
+            "sweep": {
+                "task": TASK_SWEEP,
+                "schedule": settings.sweep_interval_s,
+                "options": {"expires": settings.sweep_interval_s},
+            },
+        },
     )
     if settings.uses_embedded_broker:
         # The filesystem transport has no broadcast: no remote control, so no

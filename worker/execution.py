@@ -21,6 +21,7 @@ from models.db import session_scope
 from models.errors import InternalError, PermanentError, RenderTimeout, TransientError
 from models.jobs import ClaimedJob, StoredDocument
 from models.settings import Settings
+from worker.lease import LeaseKeeper
 from worker.rendering import render
 from worker.storage import Storage, safe_file_name
 
@@ -46,8 +47,12 @@ class Delivery:
     delay_s: float = 0.0
 
 
-class _ClaimLost(Exception):
-    """The job moved on while this delivery rendered it."""
+class _StopRequested(Exception):
+    """The job was canceled, or its claim moved on, while this delivery ran."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__(state)
+        self.state = state
 
 
 def backoff_delay(settings: Settings, attempt: int) -> float:
@@ -70,12 +75,13 @@ def run_job(
 ) -> Delivery:
     """Take one delivery of a job as far as it can go."""
     log = logger.bind(job_id=job_id, task_id=task_id)
-    with session_scope(settings) as session:
-        claim = jobs.claim_job(
-            session, job_id, worker=worker, task_id=task_id, lease_s=settings.lease_s
-        )
-        if claim is None:
-            reason, due_in_s = jobs.describe_unclaimable(session, job_id)
+    try:
+        claim, reason, due_in_s = _claim(job_id, task_id, worker, settings)
+    except (OperationalError, DBAPIError) as exc:
+        # Nothing changed: the job is still queued. Ask for the message again.
+        delay_s = backoff_delay(settings, 1)
+        log.warning("claim_deferred", error=str(exc).splitlines()[0], delay_s=delay_s)
+        return Delivery(Outcome.RETRY, delay_s)
     if claim is None:
         log.info("delivery_skipped", reason=reason)
         if due_in_s is not None:
@@ -88,14 +94,15 @@ def run_job(
     log.info("job_claimed")
     started = time.monotonic()
     try:
-        document = _render_and_store(claim, settings, storage)
-        _record_success(claim, document, settings, storage, started)
-    except _ClaimLost:
-        log.warning("claim_lost", reason="the job moved on while it was rendered")
-        return Delivery(Outcome.DONE)
+        with LeaseKeeper(claim, settings) as lease:
+            # Files of earlier attempts were never recorded: none can be kept.
+            storage.remove_tree(str(claim.job_id))
+            document = _render_and_store(claim, settings, storage, lease)
+            _record_success(claim, document, settings, storage, started)
+    except _StopRequested as stop:
+        return _settle_stop(claim, stop.state, settings)
     except (PermanentError, SoftTimeLimitExceeded) as exc:
         _record_failure(claim, exc, settings)
-        return Delivery(Outcome.DONE)
     except (TransientError, OperationalError, DBAPIError) as exc:
         return _record_transient(claim, exc, settings)
     except Exception as exc:
@@ -105,8 +112,38 @@ def run_job(
     return Delivery(Outcome.DONE)
 
 
+def _claim(
+    job_id: int, task_id: str, worker: str, settings: Settings
+) -> tuple[ClaimedJob | None, str, float | None]:
+    with session_scope(settings) as session:
+        claim = jobs.claim_job(
+            session, job_id, worker=worker, task_id=task_id, lease_s=settings.lease_s
+        )
+        if claim is not None:
+            return claim, "", None
+        reason, due_in_s = jobs.describe_unclaimable(session, job_id)
+        return None, reason, due_in_s
+
+
+def _checkpoint(lease: LeaseKeeper) -> None:
+    """A safe point: stop here if the job was canceled or its claim moved on."""
+    if lease.renew() != "keep":
+        raise _StopRequested(lease.state)
+
+
+def _settle_stop(claim: ClaimedJob, state: str, settings: Settings) -> Delivery:
+    if state == "cancel":
+        with session_scope(settings) as session:
+            canceled = jobs.cancel_running_claim(session, claim)
+        if canceled:
+            logger.info("job_canceled")
+            return Delivery(Outcome.DONE)
+    logger.warning("claim_lost", reason="the job moved on while this delivery ran")
+    return Delivery(Outcome.DONE)
+
+
 def _render_and_store(
-    claim: ClaimedJob, settings: Settings, storage: Storage
+    claim: ClaimedJob, settings: Settings, storage: Storage, lease: LeaseKeeper
 ) -> StoredDocument:
     text = render(
         claim.template_content,
@@ -115,6 +152,7 @@ def _render_and_store(
         timeout_s=settings.render_timeout_s,
     )
     logger.info("template_rendered", chars=len(text))
+    _checkpoint(lease)
     document = storage.write(document_path(claim), text.encode())
     logger.info(
         "document_written", file_path=document.file_path, size=document.file_size
@@ -141,7 +179,7 @@ def _record_success(
                 attempt=claim.attempt,
             )
             if not jobs.complete_job(session, claim, document):
-                raise _ClaimLost
+                raise _StopRequested("cancel")
     except BaseException:
         _discard_unrecorded(document, settings, storage)
         raise

@@ -14,6 +14,7 @@ from types import FrameType
 from typing import Any
 
 import jinja2
+from celery.exceptions import SoftTimeLimitExceeded
 from jinja2.exceptions import SecurityError
 
 from models.errors import (
@@ -44,7 +45,7 @@ def render(
     try:
         with _deadline(timeout_s):
             return _collect(template.generate(input_data), max_output_bytes)
-    except PermanentError:
+    except (PermanentError, SoftTimeLimitExceeded):
         raise
     except jinja2.UndefinedError as exc:
         raise MissingVariable(

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -35,6 +36,8 @@ class Storage(Protocol):
     def remove(self, relative_path: str) -> None: ...
 
     def exists(self, relative_path: str) -> bool: ...
+
+    def remove_tree(self, relative_path: str) -> None: ...
 
 
 class LocalStorage:
@@ -92,6 +95,18 @@ class LocalStorage:
 
     def exists(self, relative_path: str) -> bool:
         return self.resolve(relative_path).is_file()
+
+    def remove_tree(self, relative_path: str) -> None:
+        """Remove a folder and everything in it; a missing folder is fine."""
+        folder = self.resolve(relative_path)
+        try:
+            shutil.rmtree(folder)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(
+                f"cannot remove {relative_path}: {exc.strerror}"
+            ) from exc
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import structlog
+from billiard.einfo import ExceptionInfo
 from celery import Task
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from celery.worker.request import Request
+from sqlalchemy.exc import SQLAlchemyError
 
+from models import jobs
+from models.db import session_scope
+from models.errors import StorageError
 from models.settings import Settings
-from worker.app import TASK_RENDER, app
+from models.sweep import run_sweep
+from worker.app import TASK_RENDER, TASK_SWEEP, app
 from worker.execution import Outcome, run_job
 from worker.storage import LocalStorage
 
@@ -21,6 +30,11 @@ logger = structlog.get_logger(__name__)
 @lru_cache(maxsize=1)
 def _storage(root: str) -> LocalStorage:
     return LocalStorage(Path(root))
+
+
+def _settings() -> Settings:
+    settings: Settings = app.conf.adpa_settings
+    return settings
 
 
 def parse_job_id(value: Any) -> int | None:
@@ -34,7 +48,80 @@ def parse_job_id(value: Any) -> int | None:
     return None
 
 
-@app.task(name=TASK_RENDER, bind=True, max_retries=None)
+def _settle_lost_task(
+    args: Sequence[Any], task_id: str, kind: str, error: str, *, requeue: bool
+) -> None:
+    """From the worker's main process: end or give back a job whose process died."""
+    job_id = parse_job_id(args[0] if args else None)
+    if job_id is None:
+        return
+    try:
+        with session_scope(_settings()) as session:
+            status = jobs.end_lost_task(
+                session, job_id, task_id, kind, error, requeue=requeue
+            )
+        if status == "failed":
+            _discard_job_files(job_id)
+    except SQLAlchemyError as exc:
+        # The job stays running; its lease runs out and the sweep settles it.
+        logger.warning("lost_task_unsettled", job_id=job_id, error=str(exc)[:200])
+        return
+    if status is not None:
+        logger.warning(
+            "lost_task_settled", job_id=job_id, status=status, error_kind=kind
+        )
+
+
+def _discard_job_files(job_id: int) -> None:
+    try:
+        _storage(str(_settings().storage_root)).remove_tree(str(job_id))
+    except StorageError as exc:
+        logger.warning("job_files_left", job_id=job_id, error=str(exc))
+
+
+class JobRequest(Request):
+    """A delivery as the worker's main process sees it."""
+
+    def on_failure(
+        self,
+        exc_info: ExceptionInfo,
+        send_failed_event: bool = True,
+        return_ok: bool = False,
+    ) -> Any:
+        # Before the message goes back to the queue: the job must be queued
+        # again when the redelivery arrives, or it would find it running.
+        if isinstance(exc_info.exception, WorkerLostError):
+            _settle_lost_task(
+                self.args,
+                self.id,
+                "worker_lost",
+                f"the process running the job died: {exc_info.exception}",
+                requeue=True,
+            )
+        return super().on_failure(exc_info, send_failed_event, return_ok)
+
+
+class JobTask(Task):  # type: ignore[type-arg]
+    """Base of the render task: settles jobs whose process was killed."""
+
+    Request = "worker.tasks:JobRequest"
+
+    def on_failure(
+        self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        # Called in the main process when the hard time limit killed the child.
+        if isinstance(exc, TimeLimitExceeded):
+            limit = _settings().task_time_limit_s
+            _settle_lost_task(
+                args,
+                task_id,
+                "time_limit",
+                f"killed at the hard time limit of {limit}s",
+                requeue=False,
+            )
+
+
+@app.task(name=TASK_RENDER, bind=True, base=JobTask, max_retries=None)
 def render_document(self: Task[Any, Any], job_id: Any = None, *_extra: Any) -> None:
     """Render one job's template and store its document."""
     parsed = parse_job_id(job_id)
@@ -45,14 +132,33 @@ def render_document(self: Task[Any, Any], job_id: Any = None, *_extra: Any) -> N
             value=repr(job_id)[:100],
         )
         return
-    settings: Settings = app.conf.adpa_settings
-    worker = f"{self.request.hostname or 'worker'}:{os.getpid()}"
+    settings = _settings()
     delivery = run_job(
         parsed,
         task_id=self.request.id or "",
-        worker=worker,
+        worker=f"{self.request.hostname or 'worker'}:{os.getpid()}",
         settings=settings,
         storage=_storage(str(settings.storage_root)),
     )
     if delivery.outcome in (Outcome.RETRY, Outcome.EARLY):
         raise self.retry(countdown=max(delivery.delay_s, 0.1))
+
+
+def send_jobs(job_ids: Sequence[int], queue: str) -> list[int]:
+    """Send one render message per job from inside a worker."""
+    sent: list[int] = []
+    for job_id in job_ids:
+        try:
+            app.send_task(TASK_RENDER, args=[job_id], queue=queue)
+        except Exception as exc:  # kombu raises many kinds for a lost broker
+            logger.warning("job_enqueue_deferred", job_id=job_id, reason=str(exc))
+            break
+        sent.append(job_id)
+    return sent
+
+
+@app.task(name=TASK_SWEEP, ignore_result=True)
+def sweep() -> dict[str, int]:
+    """Resend lost messages and settle jobs whose worker stopped renewing."""
+    report = run_sweep(_settings(), send_jobs, _discard_job_files)
+    return dict(report.__dict__)

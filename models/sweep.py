@@ -1,0 +1,78 @@
+"""The sweep: the safety net under at-least-once delivery.
+
+It sends again the messages of jobs that stayed queued too long (the commit
+succeeded and the send did not, or the broker lost the message), and gives
+back or ends the running jobs whose worker stopped renewing its lease. The
+row changes commit first; the messages go out after, so a sweep that dies
+halfway leaves only work for the next sweep.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from models import jobs
+from models.db import session_scope
+from models.settings import Settings
+
+logger = structlog.get_logger(__name__)
+
+#: Sends one message per job id to a queue; returns the ids that went out.
+SendJobs = Callable[[Sequence[int], str], list[int]]
+#: Removes whatever files a job left, for jobs that ended without a document.
+DiscardFiles = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """Counts of what one sweep did."""
+
+    resent: int
+    requeued: int
+    failed: int
+    canceled: int
+    unsent: int
+
+    @property
+    def total(self) -> int:
+        return self.resent + self.requeued + self.failed + self.canceled
+
+
+def run_sweep(
+    settings: Settings, send: SendJobs, discard: DiscardFiles | None = None
+) -> SweepReport:
+    """One pass of the sweep; safe to run on several machines at once."""
+    with session_scope(settings) as session:
+        result = jobs.sweep(
+            session,
+            queued_after_s=settings.sweep_queued_after_s,
+            unsent_after_s=settings.sweep_unsent_after_s,
+            limit=settings.sweep_batch,
+        )
+
+    by_queue: dict[str, list[int]] = defaultdict(list)
+    for job_id, queue in [*result.resend, *result.requeued]:
+        by_queue[queue].append(job_id)
+    unsent = 0
+    for queue, job_ids in by_queue.items():
+        unsent += len(job_ids) - len(send(job_ids, queue))
+    if discard is not None:
+        for job_id in [*result.failed, *result.canceled]:
+            discard(job_id)
+
+    report = SweepReport(
+        resent=len(result.resend),
+        requeued=len(result.requeued),
+        failed=len(result.failed),
+        canceled=len(result.canceled),
+        unsent=unsent,
+    )
+    if report.total or unsent:
+        logger.warning("sweep_finished", **report.__dict__)
+    else:
+        logger.debug("sweep_finished", **report.__dict__)
+    return report
