@@ -1,9 +1,10 @@
 """Every read and write of job rows: the lifecycle's only owner.
 
 A job moves ``queued -> running`` through one conditional update that also
-counts the attempt; that attempt number is the claim's token, and every later
-move of a running job names it, so a worker whose claim was taken over can no
-longer change the job.
+counts the attempt and the claim. The claim number is never reset (an
+operator's retry resets attempts, not claims), so it is a token no other
+delivery can hold: every later move of a running job names it, and a worker
+whose claim was taken over can no longer change the job.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ class NewJob:
     input_data: dict[str, Any]
     queue: str
     max_attempts: int
-    priority: int = 0
     idempotency_key: str | None = None
     not_before: datetime | None = None
 
@@ -42,6 +42,8 @@ class ClaimedJob:
     """A job a worker holds, with what it needs to render it."""
 
     job_id: int
+    #: The claim's token: ``jobs.claims`` as this claim set it.
+    token: int
     attempt: int
     max_attempts: int
     template_name: str
@@ -93,7 +95,6 @@ def insert_jobs(
             input_data=new.input_data,
             queue=new.queue,
             max_attempts=new.max_attempts,
-            priority=new.priority,
             idempotency_key=new.idempotency_key,
             not_before=new.not_before,
         )
@@ -131,6 +132,16 @@ def mark_enqueued(session: Session, job_ids: Sequence[int]) -> None:
         )
 
 
+def clear_enqueued(session: Session, job_ids: Sequence[int]) -> None:
+    """Forget a send that did not happen, so the sweep retries it soon."""
+    session.execute(
+        update(Job)
+        .where(Job.job_id.in_(job_ids), Job.status == JobStatus.QUEUED.value)
+        .values(enqueued_at=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def claim_job(
     session: Session, job_id: int, *, worker: str, task_id: str, lease_s: float
 ) -> ClaimedJob | None:
@@ -149,24 +160,27 @@ def claim_job(
         .values(
             status=JobStatus.RUNNING.value,
             attempts=Job.attempts + 1,
+            claims=Job.claims + 1,
             started_at=func.coalesce(Job.started_at, utcnow()),
             lease_expires_at=utc_after(lease_s),
             worker=worker,
             task_id=task_id,
         )
-        .returning(Job.attempts, Job.max_attempts, Job.template_id, Job.input_data)
+        .returning(
+            Job.claims, Job.attempts, Job.max_attempts, Job.template_id, Job.input_data
+        )
     ).one_or_none()
     if claimed is None:
         return None
 
-    attempt, max_attempts, template_id, input_data = claimed
+    token, attempt, max_attempts, template_id, input_data = claimed
     name, content = session.execute(
         select(Template.name, Template.content).where(
             Template.template_id == template_id
         )
     ).one()
     add_log(session, job_id, "claimed", f"claimed by {worker}", attempt=attempt)
-    return ClaimedJob(job_id, attempt, max_attempts, name, content, input_data)
+    return ClaimedJob(job_id, token, attempt, max_attempts, name, content, input_data)
 
 
 def describe_unclaimable(session: Session, job_id: int) -> tuple[str, float | None]:
@@ -182,11 +196,11 @@ def describe_unclaimable(session: Session, job_id: int) -> tuple[str, float | No
     return f"job is {status}", None
 
 
-def _running_claim(job_id: int, attempt: int) -> Any:
+def _running_claim(claim: ClaimedJob) -> Any:
     return and_(
-        Job.job_id == job_id,
+        Job.job_id == claim.job_id,
         Job.status == JobStatus.RUNNING.value,
-        Job.attempts == attempt,
+        Job.claims == claim.token,
     )
 
 
@@ -204,7 +218,7 @@ def complete_job(session: Session, claim: ClaimedJob, document: StoredDocument) 
     }
     result = session.execute(
         update(Job)
-        .where(_running_claim(claim.job_id, claim.attempt))
+        .where(_running_claim(claim))
         .where(Job.cancel_requested_at.is_(None))
         .values(
             status=JobStatus.SUCCEEDED.value,
@@ -243,7 +257,7 @@ def fail_job(session: Session, claim: ClaimedJob, error_kind: str, error: str) -
     """Mark a running job failed with its error; False if the claim is stale."""
     result = session.execute(
         update(Job)
-        .where(_running_claim(claim.job_id, claim.attempt))
+        .where(_running_claim(claim))
         .values(
             status=JobStatus.FAILED.value,
             finished_at=utcnow(),
@@ -278,7 +292,7 @@ def requeue_job(
     """Give a running job back to the queue after a transient error."""
     result = session.execute(
         update(Job)
-        .where(_running_claim(claim.job_id, claim.attempt))
+        .where(_running_claim(claim))
         .values(
             status=JobStatus.QUEUED.value,
             not_before=utc_after(delay_s),
@@ -343,7 +357,7 @@ def renew_lease(session: Session, claim: ClaimedJob, lease_s: float) -> str:
     """
     row = session.execute(
         update(Job)
-        .where(_running_claim(claim.job_id, claim.attempt))
+        .where(_running_claim(claim))
         .values(lease_expires_at=utc_after(lease_s))
         .returning(Job.cancel_requested_at)
     ).one_or_none()
@@ -356,7 +370,7 @@ def cancel_running_claim(session: Session, claim: ClaimedJob) -> bool:
     """End a running job as canceled at a safe point (nothing was recorded)."""
     result = session.execute(
         update(Job)
-        .where(_running_claim(claim.job_id, claim.attempt))
+        .where(_running_claim(claim))
         .where(Job.cancel_requested_at.is_not(None))
         .values(
             status=JobStatus.CANCELED.value,
@@ -511,13 +525,26 @@ def sweep(
     ).all()
     result = SweepResult(resend, [], [], [])
     for job in expired:
-        _expire_lease(session, job, result)
+        reason = f"worker {job.worker} stopped renewing its lease"
+        _release(session, job, result, reason, "lease_expired")
     session.flush()
     return result
 
 
-def _expire_lease(session: Session, job: Job, result: SweepResult) -> None:
-    lost = f"worker {job.worker} stopped renewing its lease"
+def _release(
+    session: Session,
+    job: Job,
+    result: SweepResult,
+    reason: str,
+    kind: str,
+    *,
+    may_retry: bool = True,
+) -> None:
+    """End a running job that lost its worker, or give it back to the queue.
+
+    A cancel asked for is honoured; a job with attempts left is queued again
+    unless ``may_retry`` is false; any other fails.
+    """
     job.lease_expires_at = None
     job.worker = None
     if job.cancel_requested_at is not None:
@@ -527,15 +554,20 @@ def _expire_lease(session: Session, job: Job, result: SweepResult) -> None:
             session,
             job.job_id,
             "canceled",
-            f"{lost}; canceled as asked",
+            f"{reason}; canceled as asked",
             attempt=job.attempts,
         )
         result.canceled.append(job.job_id)
-    elif job.attempts >= job.max_attempts:
+        return
+
+    job.last_error_kind = kind
+    spent = job.attempts >= job.max_attempts
+    if spent or not may_retry:
         job.status = JobStatus.FAILED.value
         job.finished_at = utcnow()
-        job.last_error = f"{lost} (gave up after {job.attempts} attempts)"
-        job.last_error_kind = "lease_expired"
+        job.last_error = (
+            f"{reason} (gave up after {job.attempts} attempts)" if spent else reason
+        )
         add_log(
             session,
             job.job_id,
@@ -543,23 +575,22 @@ def _expire_lease(session: Session, job: Job, result: SweepResult) -> None:
             job.last_error,
             level="ERROR",
             attempt=job.attempts,
-            error_kind="lease_expired",
+            error_kind=kind,
         )
         result.failed.append(job.job_id)
     else:
         job.status = JobStatus.QUEUED.value
         job.not_before = None
         job.enqueued_at = utcnow()
-        job.last_error = lost
-        job.last_error_kind = "lease_expired"
+        job.last_error = reason
         add_log(
             session,
             job.job_id,
             "requeued",
-            lost,
+            reason,
             level="WARNING",
             attempt=job.attempts,
-            error_kind="lease_expired",
+            error_kind=kind,
         )
         result.requeued.append((job.job_id, job.queue))
 
@@ -591,26 +622,8 @@ def end_lost_task(
     )
     if job is None:
         return None
-    result = SweepResult([], [], [], [])
-    if requeue:
-        job.worker = f"{job.worker} (lost)"
-        _expire_lease(session, job, result)
-        job.last_error = error
-        job.last_error_kind = error_kind
-    else:
-        job.status = JobStatus.FAILED.value
-        job.finished_at = utcnow()
-        job.lease_expires_at = None
-        job.last_error = error
-        job.last_error_kind = error_kind
-        add_log(
-            session,
-            job_id,
-            "failed",
-            error,
-            level="ERROR",
-            attempt=job.attempts,
-            error_kind=error_kind,
-        )
+    _release(
+        session, job, SweepResult([], [], [], []), error, error_kind, may_retry=requeue
+    )
     session.flush()
     return job.status

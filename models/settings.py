@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     retry_backoff_base_s: float = Field(default=2.0, gt=0)
     retry_backoff_max_s: float = Field(default=300.0, gt=0)
 
+    #: Address space each worker pool process may use; 0 lifts the cap. A
+    #: template that slips past the sandbox's checks fails with MemoryError.
+    worker_memory_limit_mb: int = Field(default=1024, ge=0)
+
     #: Largest accepted job input, as JSON text.
     max_input_bytes: int = Field(default=256 * 1024, ge=1024)
     #: Largest document a render may produce.

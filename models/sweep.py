@@ -57,9 +57,15 @@ def run_sweep(
     by_queue: dict[str, list[int]] = defaultdict(list)
     for job_id, queue in [*result.resend, *result.requeued]:
         by_queue[queue].append(job_id)
-    unsent = 0
+    unsent: list[int] = []
     for queue, job_ids in by_queue.items():
-        unsent += len(job_ids) - len(send(job_ids, queue))
+        sent = set(send(job_ids, queue))
+        unsent.extend(job_id for job_id in job_ids if job_id not in sent)
+    if unsent:
+        # Not sent after all: the next sweep should try again soon, not after
+        # the long wait meant for messages that did go out.
+        with session_scope(settings) as session:
+            jobs.clear_enqueued(session, unsent)
     if discard is not None:
         for job_id in [*result.failed, *result.canceled]:
             discard(job_id)
@@ -69,7 +75,7 @@ def run_sweep(
         requeued=len(result.requeued),
         failed=len(result.failed),
         canceled=len(result.canceled),
-        unsent=unsent,
+        unsent=len(unsent),
     )
     if report.total or unsent:
         logger.warning("sweep_finished", **report.__dict__)

@@ -19,7 +19,6 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
-    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -106,7 +105,6 @@ class ApiKey(Base):
     created_at: Mapped[Timestamp]
     updated_at: Mapped[UpdatedAt]
     revoked_at: Mapped[OptionalTimestamp]
-    last_used_at: Mapped[OptionalTimestamp]
 
     user: Mapped[User] = relationship()
 
@@ -170,15 +168,16 @@ class Job(Base):
     started_at: Mapped[OptionalTimestamp]
     finished_at: Mapped[OptionalTimestamp]
 
-    #: Claims so far; the current one is the token that finishes the job.
+    #: Claims in the current run; an operator's retry starts again from 0.
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    #: Claims ever made, never reset: the current claim's token.
+    claims: Mapped[int] = mapped_column(Integer, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer, server_default="5")
     last_error: Mapped[str | None] = mapped_column(Text)
     #: Kind of the last error (see ``models.errors``).
     last_error_kind: Mapped[str | None] = mapped_column(String(50))
     #: Celery queue the job's messages go to.
     queue: Mapped[str] = mapped_column(String(100), server_default="adpa.default")
-    priority: Mapped[int] = mapped_column(SmallInteger, server_default="0")
     #: The job must not run before this time.
     not_before: Mapped[OptionalTimestamp]
     #: Unique per user when set: a repeated submission returns the first job.

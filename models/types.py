@@ -47,7 +47,7 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class utcnow(FunctionElement[datetime]):  # noqa: N801 - reads as a SQL function
-    """The database's current time: ``now()``, or UTC with microseconds on SQLite."""
+    """The database's current time: ``now()``, or UTC with milliseconds on SQLite."""
 
     type = UTCDateTime()
     inherit_cache = True

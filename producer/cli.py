@@ -17,8 +17,10 @@ from models.db import session_scope
 from models.errors import AdpaError, InvalidInput, NotFound, SettingsError
 from models.logs import configure_logging
 from models.settings import Settings, load_settings
+from models.sweep import run_sweep
 from models.tables import Job, JobStatus, Template
 from models.templates import TemplateSpec, list_templates, register_template
+from producer.broker import create_sender, send_jobs
 from producer.client import JobClient
 from producer.samples import load_samples
 
@@ -368,6 +370,65 @@ def jobs_show(settings: Settings, job_id: int) -> None:
                 entry.message,
             )
         console.print(logs)
+
+
+@jobs_group.command("cancel")
+@click.argument("job_id", type=int)
+@pass_settings
+def jobs_cancel(settings: Settings, job_id: int) -> None:
+    """Cancel a job: a queued one at once, a running one at its next safe point."""
+    with session_scope(settings) as session:
+        status = jobs.request_cancel(session, job_id)
+    if status == JobStatus.CANCELED:
+        console.print(f"job {job_id} canceled")
+    else:
+        console.print(f"job {job_id} is running; it stops at its next safe point")
+
+
+@jobs_group.command("retry")
+@click.argument("job_id", type=int)
+@pass_settings
+def jobs_retry(settings: Settings, job_id: int) -> None:
+    """Put a failed or canceled job back in the queue, with its attempts reset."""
+    with session_scope(settings) as session:
+        queue = jobs.retry_job(session, job_id).queue
+    sender = create_sender(settings)
+    try:
+        sent = send_jobs(sender, [job_id], queue)
+    finally:
+        sender.close()
+    if sent:
+        with session_scope(settings) as session:
+            jobs.mark_enqueued(session, sent)
+        console.print(f"job {job_id} queued again on {queue}")
+    else:
+        console.print(
+            f"job {job_id} queued again; the broker is unreachable, "
+            "so the sweep will send it"
+        )
+
+
+@cli.command("sweep")
+@pass_settings
+def sweep_command(settings: Settings) -> None:
+    """Resend lost messages; settle jobs whose worker stopped renewing its lease.
+
+    Beat runs the same sweep on the workers every ADPA_SWEEP_INTERVAL_S.
+    """
+    sender = create_sender(settings)
+    try:
+        report = run_sweep(settings, lambda ids, queue: send_jobs(sender, ids, queue))
+    finally:
+        sender.close()
+    table = Table("resent", "requeued", "failed", "canceled", "not sent", title="sweep")
+    table.add_row(
+        str(report.resent),
+        str(report.requeued),
+        str(report.failed),
+        str(report.canceled),
+        str(report.unsent),
+    )
+    console.print(table)
 
 
 @cli.command(

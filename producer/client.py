@@ -93,15 +93,16 @@ def validate_input(input_data: Any, max_bytes: int) -> dict[str, Any]:
         raise InvalidInput(
             f"job input must be a JSON object, not {_json_kind(input_data)}"
         )
+    data = dict(input_data)
     try:
-        encoded = json.dumps(input_data, allow_nan=False)
+        encoded = json.dumps(data, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"job input is not valid JSON: {exc}") from exc
     if len(encoded.encode()) > max_bytes:
         raise InvalidInput(
             f"job input is {len(encoded.encode())} bytes; the limit is {max_bytes}"
         )
-    return dict(input_data)
+    return data
 
 
 def _json_kind(value: Any) -> str:
@@ -292,6 +293,27 @@ class JobClient:
                 )
                 for d in jobs.job_documents(session, job_id)
             ]
+
+    def cancel(self, job_id: int) -> JobStatus:
+        """Cancel a job: queued ones at once, running ones at their next safe point.
+
+        Returns the status after the call: ``canceled``, or ``running`` while
+        the worker finishes its current step.
+        """
+        with session_scope(self.settings) as session:
+            user = accounts.authenticate(session, self._api_key)
+            status = jobs.request_cancel(session, job_id, user.user_id)
+        logger.info("job_cancel_requested", job_id=job_id, status=status)
+        return JobStatus(status)
+
+    def retry(self, job_id: int) -> None:
+        """Put a failed or canceled job back in the queue, attempts reset."""
+        with session_scope(self.settings) as session:
+            user = accounts.authenticate(session, self._api_key)
+            queue = jobs.retry_job(session, job_id, user.user_id).queue
+        if send_jobs(self._sender, [job_id], queue):
+            with session_scope(self.settings) as session:
+                jobs.mark_enqueued(session, [job_id])
 
     def wait(
         self, job_id: int, *, timeout_s: float = 60.0, poll_s: float = 0.25

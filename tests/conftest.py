@@ -35,4 +35,3 @@ def _isolated_environment(
     monkeypatch.chdir(tmp_path)
     yield
     dispose_engines()
-

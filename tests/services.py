@@ -79,6 +79,7 @@ def pg_settings(services_dir: Path) -> Settings:
         task_time_limit_s=10,
         retry_backoff_base_s=0.2,
         retry_backoff_max_s=1,
+        worker_memory_limit_mb=400,
     )
     engine = create_db_engine(settings)
     with engine.begin() as connection:
@@ -92,9 +93,21 @@ def worker_environment(settings: Settings) -> dict[str, str]:
     """Environment that makes a subprocess use the same settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADPA_")}
     for field in (
-        "database_url", "broker_url", "data_dir", "storage_url", "render_timeout_s",
-        "task_soft_time_limit_s", "task_time_limit_s", "retry_backoff_base_s",
-        "retry_backoff_max_s", "lease_s",
+        "database_url",
+        "broker_url",
+        "data_dir",
+        "storage_url",
+        "render_timeout_s",
+        "task_soft_time_limit_s",
+        "task_time_limit_s",
+        "retry_backoff_base_s",
+        "retry_backoff_max_s",
+        "lease_s",
+        "max_attempts",
+        "sweep_queued_after_s",
+        "sweep_unsent_after_s",
+        "sweep_interval_s",
+        "worker_memory_limit_mb",
     ):
         env[f"ADPA_{field.upper()}"] = str(getattr(settings, field))
     env["ADPA_LOG_FORMAT"] = "json"
@@ -117,16 +130,32 @@ def start_worker(
     settings: Settings, log_path: Path, *, concurrency: int = 2, name: str = "test"
 ) -> WorkerProcess:
     command = [
-        sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-        "-P", "prefork", "-c", str(concurrency),
-        "-Q", f"{settings.default_queue},{settings.bulk_queue}",
-        "-n", f"{name}-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
-        "-l", "INFO",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.app",
+        "worker",
+        "-P",
+        "prefork",
+        "-c",
+        str(concurrency),
+        "-Q",
+        f"{settings.default_queue},{settings.bulk_queue}",
+        "-n",
+        f"{name}-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "-l",
+        "INFO",
     ]
     with open(log_path, "ab") as handle:
         process = subprocess.Popen(
-            command, env=worker_environment(settings), stdout=handle,
-            stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+            command,
+            env=worker_environment(settings),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=PROJECT_ROOT,
         )
     worker = WorkerProcess(process, log_path)
     deadline = time.monotonic() + 30
@@ -178,7 +207,9 @@ def make_account(clean_db: Settings) -> Callable[..., Account]:
     def build(username: str | None = None) -> Account:
         name = username or f"user{next(counter)}"
         with session_scope(clean_db) as session:
-            user = accounts.create_user(session, name, f"{name}@example.com", "pw-" + name)
+            user = accounts.create_user(
+                session, name, f"{name}@example.com", "pw-" + name
+            )
             issued = accounts.issue_api_key(session, user, "tests")
             return Account(user.user_id, issued.secret)
 
@@ -201,7 +232,9 @@ def client(
         yield job_client
 
 
-def wait_all(client: JobClient, job_ids: list[int], timeout_s: float = 60) -> list[JobView]:
+def wait_all(
+    client: JobClient, job_ids: list[int], timeout_s: float = 60
+) -> list[JobView]:
     return [client.wait(job_id, timeout_s=timeout_s) for job_id in job_ids]
 
 

@@ -8,6 +8,7 @@ holds every outcome, so there is no result backend.
 
 from __future__ import annotations
 
+import resource
 import sys
 from typing import Any
 
@@ -83,6 +84,18 @@ def _after_fork(**_kwargs: Any) -> None:
     # Connections opened before the fork belong to the parent.
     dispose_engines()
     configure_logging(settings)
+    limit_memory(settings.worker_memory_limit_mb)
+
+
+def limit_memory(limit_mb: int) -> None:
+    """Cap this process's address space, so a runaway render cannot take the host."""
+    if limit_mb <= 0:
+        return
+    limit = limit_mb * 1024 * 1024
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
 @signals.task_prerun.connect

@@ -65,9 +65,9 @@ def backoff_delay(settings: Settings, attempt: int) -> float:
 
 
 def document_path(claim: ClaimedJob) -> str:
-    """Where an attempt's document goes; each attempt has its own folder."""
+    """Where a claim's document goes; each claim has a folder of its own."""
     name = safe_file_name(claim.template_name)
-    return f"{claim.job_id}/{claim.attempt}/{name}-{claim.job_id}.md"
+    return f"{claim.job_id}/{claim.token}/{name}-{claim.job_id}.md"
 
 
 def run_job(

@@ -6,11 +6,7 @@ limit instead of filling memory, and a timer ends one that runs too long.
 
 from __future__ import annotations
 
-import signal
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
-from types import FrameType
 from typing import Any
 
 import jinja2
@@ -22,11 +18,10 @@ from models.errors import (
     MissingVariable,
     OutputTooLarge,
     PermanentError,
-    RenderTimeout,
     SandboxViolation,
     TemplateError,
 )
-from models.sandbox import compile_template
+from models.sandbox import compile_template, deadline
 
 
 def render(
@@ -41,9 +36,10 @@ def render(
         raise InvalidInput(
             f"job input must be a JSON object, not {type(input_data).__name__}"
         )
-    template = compile_template(content)
     try:
-        with _deadline(timeout_s):
+        with deadline(timeout_s):
+            # Compiling evaluates constant expressions: it runs under the timer.
+            template = compile_template(content)
             return _collect(template.generate(input_data), max_output_bytes)
     except (PermanentError, SoftTimeLimitExceeded):
         raise
@@ -77,26 +73,3 @@ def _collect(chunks: Iterator[str], max_output_bytes: int) -> str:
     if len(text.encode()) > max_output_bytes:
         raise OutputTooLarge(f"document exceeds the {max_output_bytes} byte limit")
     return text
-
-
-@contextmanager
-def _deadline(timeout_s: float) -> Iterator[None]:
-    """Raise RenderTimeout in this thread after ``timeout_s`` seconds.
-
-    Only the main thread can take a signal; elsewhere (a threaded pool) the
-    worker's soft time limit is the bound.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expire(_signum: int, _frame: FrameType | None) -> None:
-        raise RenderTimeout(f"render took longer than {timeout_s:g}s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)

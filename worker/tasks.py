@@ -90,12 +90,14 @@ class JobRequest(Request):
     ) -> Any:
         # Before the message goes back to the queue: the job must be queued
         # again when the redelivery arrives, or it would find it running.
-        if isinstance(exc_info.exception, WorkerLostError):
+        error = exc_info.exception
+        error = getattr(error, "exc", error)  # the pool wraps it with its traceback
+        if isinstance(error, WorkerLostError):
             _settle_lost_task(
                 self.args,
                 self.id,
                 "worker_lost",
-                f"the process running the job died: {exc_info.exception}",
+                f"the process running the job died: {error}",
                 requeue=True,
             )
         return super().on_failure(exc_info, send_failed_event, return_ok)
@@ -111,7 +113,7 @@ class JobTask(Task):  # type: ignore[type-arg]
     ) -> None:
         # Called in the main process when the hard time limit killed the child.
         if isinstance(exc, TimeLimitExceeded):
-            limit = _settings().task_time_limit_s
+            limit = exc.args[0] if exc.args else _settings().task_time_limit_s
             _settle_lost_task(
                 args,
                 task_id,

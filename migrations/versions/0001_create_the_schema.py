@@ -127,7 +127,6 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["user_id"],
             ["users.user_id"],
@@ -176,6 +175,7 @@ def upgrade() -> None:
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("attempts", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("claims", sa.Integer(), server_default="0", nullable=False),
         sa.Column("max_attempts", sa.Integer(), server_default="5", nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("last_error_kind", sa.String(length=50), nullable=True),
@@ -185,7 +185,6 @@ def upgrade() -> None:
             server_default="adpa.default",
             nullable=False,
         ),
-        sa.Column("priority", sa.SmallInteger(), server_default="0", nullable=False),
         sa.Column("not_before", sa.DateTime(timezone=True), nullable=True),
         sa.Column("idempotency_key", sa.String(length=255), nullable=True),
         sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=True),

@@ -17,15 +17,20 @@ from tests.services import Account, fetch_one, worker_environment
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("celery_worker")]
 
 
-def adpa(settings: Settings, *args: str, stdin: str | None = None,
-         api_key: str | None = None) -> subprocess.CompletedProcess[str]:
+def adpa(
+    settings: Settings, *args: str, stdin: str | None = None, api_key: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = worker_environment(settings)
     env["ADPA_LOG_LEVEL"] = "WARNING"
     if api_key:
         env["ADPA_API_KEY"] = api_key
     return subprocess.run(
         [sys.executable, "-c", "from producer.cli import main; main()", *args],
-        input=stdin, capture_output=True, text=True, env=env, timeout=120,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
 
 
@@ -40,8 +45,17 @@ def test_adpa_submit_prints_the_job_id_and_the_worker_renders_it(
     source = tmp_path / "charter.json"
     source.write_text(json.dumps(sample_input("project-charter")))
 
-    result = adpa(clean_db, "submit", "--template", "project-charter", "--input",
-                  str(source), "--wait", "60", api_key=account.api_key)
+    result = adpa(
+        clean_db,
+        "submit",
+        "--template",
+        "project-charter",
+        "--input",
+        str(source),
+        "--wait",
+        "60",
+        api_key=account.api_key,
+    )
 
     assert result.returncode == 0, result.stderr
     job_id = int(result.stdout.strip())
@@ -65,9 +79,16 @@ def test_adpa_submit_reads_standard_input(
     clean_db: Settings, make_account: Callable[..., Account], samples: list[str]
 ) -> None:
     """--input - takes the JSON object from stdin."""
-    result = adpa(clean_db, "submit", "-t", "user-stories", "-i", "-",
-                  stdin=json.dumps(sample_input("user-stories")),
-                  api_key=make_account().api_key)
+    result = adpa(
+        clean_db,
+        "submit",
+        "-t",
+        "user-stories",
+        "-i",
+        "-",
+        stdin=json.dumps(sample_input("user-stories")),
+        api_key=make_account().api_key,
+    )
 
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) > 0
@@ -91,8 +112,16 @@ def test_adpa_submit_refuses_bad_input_with_one_clear_line(
     expected: str,
 ) -> None:
     """Bad input: exit 1, one line on stderr naming the problem, nothing inserted."""
-    result = adpa(clean_db, "submit", "-t", template, "-i", "-", stdin=stdin,
-                  api_key=make_account().api_key)
+    result = adpa(
+        clean_db,
+        "submit",
+        "-t",
+        template,
+        "-i",
+        "-",
+        stdin=stdin,
+        api_key=make_account().api_key,
+    )
 
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
@@ -108,8 +137,16 @@ def test_adpa_keys_revoke_stops_submissions(
     revoked = adpa(clean_db, "keys", "revoke", key.split("_")[1])
     assert revoked.returncode == 0, revoked.stderr
 
-    result = adpa(clean_db, "submit", "-t", "user-stories", "-i", "-",
-                  stdin=json.dumps(sample_input("user-stories")), api_key=key)
+    result = adpa(
+        clean_db,
+        "submit",
+        "-t",
+        "user-stories",
+        "-i",
+        "-",
+        stdin=json.dumps(sample_input("user-stories")),
+        api_key=key,
+    )
 
     assert result.returncode == 1
     assert "was revoked" in result.stderr

@@ -21,15 +21,26 @@ def test_demo_on_the_embedded_default_passes(tmp_path: Path) -> None:
     env["PYTHONPATH"] = str(PROJECT_ROOT)
 
     result = subprocess.run(
-        [sys.executable, "-c", "from producer.cli import main; main()",
-         "demo", "--jobs", "100"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-c",
+            "from producer.cli import main; main()",
+            "demo",
+            "--jobs",
+            "100",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = " ".join(result.stdout.split())
-    assert re.search(r"demo passed: 100/100 sample jobs succeeded, 3/3 bad jobs failed",
-                     summary)
+    assert re.search(
+        r"demo passed: 100/100 sample jobs succeeded, 3/3 bad jobs failed", summary
+    )
     assert "2 bad submissions refused" in summary
     documents = list((tmp_path / ".adpa" / "documents").rglob("*.md"))
     assert len(documents) == 100

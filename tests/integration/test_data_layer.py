@@ -39,7 +39,8 @@ def test_submit_commits_a_queued_job_with_its_creation_time(
 
     status, created_at, enqueued_at, started_at = fetch_one(
         clean_db,
-        "SELECT status, created_at, enqueued_at, started_at FROM jobs WHERE job_id = :j",
+        "SELECT status, created_at, enqueued_at, started_at FROM jobs"
+        " WHERE job_id = :j",
         j=job_id,
     )
     assert status == "queued"
@@ -63,7 +64,9 @@ def test_one_bad_request_refuses_the_whole_batch_naming_it(
 ) -> None:
     """A batch with a bad line is refused whole, and the error names the line."""
     good = JobRequest("user-stories", sample_input("user-stories"))
-    with pytest.raises(InvalidInput, match=r"request 3: job input must be a JSON object"):
+    with pytest.raises(
+        InvalidInput, match=r"request 3: job input must be a JSON object"
+    ):
         client.submit_many([good, good, JobRequest("user-stories", [1, 2])])
     assert _job_count(clean_db) == 0
 
@@ -99,8 +102,9 @@ def test_a_revoked_key_is_refused_naming_the_key(
     with session_scope(clean_db) as session:
         accounts.revoke_api_key(session, prefix)
 
-    with JobClient(key, clean_db) as client, pytest.raises(
-        AuthenticationError, match=f"API key {prefix} was revoked"
+    with (
+        JobClient(key, clean_db) as client,
+        pytest.raises(AuthenticationError, match=f"API key {prefix} was revoked"),
     ):
         client.submit("user-stories", sample_input("user-stories"))
     assert _job_count(clean_db) == 0
@@ -140,7 +144,9 @@ def test_template_tags_and_tag_rows_always_agree(clean_db: Settings) -> None:
             template = session.scalar(select(Template).where(Template.name == "t"))
             assert template is not None
             rows = session.scalars(
-                select(TemplateTag.tag).where(TemplateTag.template_id == template.template_id)
+                select(TemplateTag.tag).where(
+                    TemplateTag.template_id == template.template_id
+                )
             ).all()
             assert template.tags == sorted(rows) == sorted({t.lower() for t in tags})
 
@@ -150,11 +156,13 @@ def test_status_outside_the_lifecycle_is_refused(
 ) -> None:
     """The CHECK constraint keeps jobs.status to the five lifecycle states."""
     job_id = client.submit("user-stories", sample_input("user-stories"))
-    with pytest.raises(IntegrityError, match="ck_jobs_status"), session_scope(
-        clean_db
-    ) as session:
-        session.execute(text("UPDATE jobs SET status = 'done' WHERE job_id = :j"),
-                        {"j": job_id})
+    with (
+        pytest.raises(IntegrityError, match="ck_jobs_status"),
+        session_scope(clean_db) as session,
+    ):
+        session.execute(
+            text("UPDATE jobs SET status = 'done' WHERE job_id = :j"), {"j": job_id}
+        )
 
 
 def test_a_job_cannot_hold_the_same_file_twice(
@@ -168,8 +176,10 @@ def test_a_job_cannot_hold_the_same_file_twice(
     )
     with session_scope(clean_db) as session:
         session.execute(insert, {"j": job_id, "p": "1/a.md"})
-    with pytest.raises(IntegrityError, match="uq_documents_job_id_file_name"), \
-            session_scope(clean_db) as session:
+    with (
+        pytest.raises(IntegrityError, match="uq_documents_job_id_file_name"),
+        session_scope(clean_db) as session,
+    ):
         session.execute(insert, {"j": job_id, "p": "2/a.md"})
 
 
@@ -182,8 +192,10 @@ def test_deleting_a_job_removes_its_logs_and_documents_and_nothing_else(
     with session_scope(clean_db) as session:
         for job_id in (kept, pruned):
             session.execute(
-                text("INSERT INTO documents (job_id, file_name, file_path, file_size,"
-                     " sha256) VALUES (:j, 'a.md', :p, 1, 'x')"),
+                text(
+                    "INSERT INTO documents (job_id, file_name, file_path, file_size,"
+                    " sha256) VALUES (:j, 'a.md', :p, 1, 'x')"
+                ),
                 {"j": job_id, "p": f"{job_id}/a.md"},
             )
         session.execute(text("DELETE FROM jobs WHERE job_id = :j"), {"j": pruned})
@@ -194,6 +206,7 @@ def test_deleting_a_job_removes_its_logs_and_documents_and_nothing_else(
         " (SELECT count(*) FROM job_logs WHERE job_id = :p),"
         " (SELECT count(*) FROM job_logs WHERE job_id = :k),"
         " (SELECT count(*) FROM users), (SELECT count(*) FROM templates)",
-        p=pruned, k=kept,
+        p=pruned,
+        k=kept,
     )
     assert tuple(counts) == (1, 1, 0, 1, 1, 6)

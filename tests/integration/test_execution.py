@@ -44,11 +44,16 @@ def _submit_unsent(client: JobClient, template: str = "user-stories") -> int:
     return client.submit(template, sample_input(template))
 
 
-def _run(settings: Settings, job_id: int, storage: LocalStorage | None = None,
-         task_id: str = "t-1") -> Outcome:
+def _run(
+    settings: Settings,
+    job_id: int,
+    storage: LocalStorage | None = None,
+    task_id: str = "t-1",
+) -> Outcome:
     storage = storage or LocalStorage(settings.storage_root)
-    return run_job(job_id, task_id=task_id, worker="test:1", settings=settings,
-                   storage=storage).outcome
+    return run_job(
+        job_id, task_id=task_id, worker="test:1", settings=settings, storage=storage
+    ).outcome
 
 
 def test_a_second_delivery_does_nothing_but_log_why(
@@ -78,8 +83,9 @@ def test_a_worker_whose_claim_was_taken_cannot_finish_the_job(
     assert stale is not None
     # The sweep gives the job back and another worker claims it.
     with session_scope(clean_db) as session:
-        session.execute(text("UPDATE jobs SET status = 'queued' WHERE job_id = :j"),
-                        {"j": job_id})
+        session.execute(
+            text("UPDATE jobs SET status = 'queued' WHERE job_id = :j"), {"j": job_id}
+        )
         current = jobs.claim_job(session, job_id, worker="b", task_id="b", lease_s=60)
     assert current is not None and current.attempt == stale.attempt + 1
 
@@ -90,8 +96,9 @@ def test_a_worker_whose_claim_was_taken_cannot_finish_the_job(
         assert not jobs.fail_job(session, stale, "template_error", "late")
 
     with session_scope(clean_db) as session:
-        assert jobs.complete_job(session, current, storage.write(document_path(current),
-                                                                 b"current"))
+        assert jobs.complete_job(
+            session, current, storage.write(document_path(current), b"current")
+        )
     assert client.get(job_id).status == "succeeded"
     assert [d.file_path for d in client.documents(job_id)] == [document_path(current)]
 
@@ -101,10 +108,17 @@ def test_a_delivery_before_the_job_is_due_asks_to_come_back(
 ) -> None:
     """A job with a future not_before is not claimed; the delivery is told when."""
     later = datetime.now(UTC) + timedelta(minutes=5)
-    job_id = client.submit("user-stories", sample_input("user-stories"), not_before=later)
+    job_id = client.submit(
+        "user-stories", sample_input("user-stories"), not_before=later
+    )
 
-    delivery = run_job(job_id, task_id="t", worker="w", settings=clean_db,
-                       storage=LocalStorage(clean_db.storage_root))
+    delivery = run_job(
+        job_id,
+        task_id="t",
+        worker="w",
+        settings=clean_db,
+        storage=LocalStorage(clean_db.storage_root),
+    )
 
     assert delivery.outcome == Outcome.EARLY
     assert 200 < delivery.delay_s <= 300
@@ -138,8 +152,10 @@ def test_a_transient_error_requeues_until_attempts_are_spent(
         job = client.get(job_id)
         assert (job.status, job.attempts) == ("queued", attempt)
         with session_scope(clean_db) as session:
-            session.execute(text("UPDATE jobs SET not_before = NULL WHERE job_id = :j"),
-                            {"j": job_id})
+            session.execute(
+                text("UPDATE jobs SET not_before = NULL WHERE job_id = :j"),
+                {"j": job_id},
+            )
 
     assert _run(clean_db, job_id, storage) == Outcome.DONE
     job = client.get(job_id)
@@ -149,15 +165,18 @@ def test_a_transient_error_requeues_until_attempts_are_spent(
     assert client.documents(job_id) == []
 
 
-def test_started_at_is_kept_across_attempts(client: JobClient, clean_db: Settings) -> None:
+def test_started_at_is_kept_across_attempts(
+    client: JobClient, clean_db: Settings
+) -> None:
     """A retried job keeps the started_at of its first claim."""
     job_id = _submit_unsent(client)
     storage = BrokenStorage(clean_db.storage_root, StorageError("storage busy"))
     _run(clean_db, job_id, storage)
     first_start = client.get(job_id).started_at
     with session_scope(clean_db) as session:
-        session.execute(text("UPDATE jobs SET not_before = NULL WHERE job_id = :j"),
-                        {"j": job_id})
+        session.execute(
+            text("UPDATE jobs SET not_before = NULL WHERE job_id = :j"), {"j": job_id}
+        )
 
     assert _run(clean_db, job_id) == Outcome.DONE
 

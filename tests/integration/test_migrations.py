@@ -20,7 +20,13 @@ from tests.conftest import TEST_DATABASE_URL
 pytestmark = pytest.mark.integration
 
 EXPECTED_TABLES = {
-    "users", "api_keys", "templates", "template_tags", "jobs", "documents", "job_logs",
+    "users",
+    "api_keys",
+    "templates",
+    "template_tags",
+    "jobs",
+    "documents",
+    "job_logs",
 }
 
 
@@ -30,8 +36,9 @@ def migration_pg(pg_settings: Settings) -> Settings:
     url = make_url(TEST_DATABASE_URL)
     name = f"{url.database}_migrations"
     admin = url.set(drivername="postgresql", database="postgres")
-    with psycopg.connect(admin.render_as_string(hide_password=False),
-                         autocommit=True) as connection:
+    with psycopg.connect(
+        admin.render_as_string(hide_password=False), autocommit=True
+    ) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         connection.execute(f'CREATE DATABASE "{name}"')
     return load_settings(
@@ -48,7 +55,9 @@ def _drift(settings: Settings) -> list[object]:
     engine = create_db_engine(settings)
     try:
         with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            context = MigrationContext.configure(
+                connection, opts={"compare_type": True}
+            )
             return list(compare_metadata(context, Base.metadata))
     finally:
         engine.dispose()
@@ -86,15 +95,21 @@ def test_postgres_keeps_updated_at_true_with_a_trigger(migration_pg: Settings) -
     engine = create_db_engine(migration_pg)
     try:
         with engine.begin() as connection:
-            connection.execute(text(
-                "INSERT INTO users (username, email, password_hash) "
-                "VALUES ('u', 'u@example.com', 'x')"
-            ))
+            connection.execute(
+                text(
+                    "INSERT INTO users (username, email, password_hash) "
+                    "VALUES ('u', 'u@example.com', 'x')"
+                )
+            )
         with engine.begin() as connection:
-            before = connection.execute(text("SELECT updated_at FROM users")).scalar_one()
+            before = connection.execute(
+                text("SELECT updated_at FROM users")
+            ).scalar_one()
         with engine.begin() as connection:
             connection.execute(text("UPDATE users SET role = 'admin'"))
-            after = connection.execute(text("SELECT updated_at FROM users")).scalar_one()
+            after = connection.execute(
+                text("SELECT updated_at FROM users")
+            ).scalar_one()
     finally:
         engine.dispose()
     assert after > before

@@ -55,8 +55,12 @@ def test_submitted_job_succeeds_with_its_document_logs_and_timestamps(
 def test_every_sample_template_renders_through_the_worker(client: JobClient) -> None:
     """The six shipped templates succeed with their sample inputs."""
     names = [
-        "project-charter", "software-requirements-specification", "user-stories",
-        "stakeholder-register", "risk-register", "meeting-minutes",
+        "project-charter",
+        "software-requirements-specification",
+        "user-stories",
+        "stakeholder-register",
+        "risk-register",
+        "meeting-minutes",
     ]
     job_ids = [client.submit(name, sample_input(name)) for name in names]
 
@@ -104,7 +108,8 @@ def test_slow_template_fails_with_the_render_time_limit(
     _register(
         clean_db,
         "spin",
-        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+        "{% for i in range(99999) %}{% for j in range(99999) %}"
+        "{% endfor %}{% endfor %}",
     )
 
     job = client.wait(client.submit("spin", {}), timeout_s=30)
@@ -167,7 +172,9 @@ def test_storage_errors_retry_with_backoff_then_fail_clearly(
     assert events.count("retry_scheduled") == clean_db.max_attempts - 1
     assert events.count("claimed") == clean_db.max_attempts
     assert client.documents(job_id) == []
-    count = fetch_one(clean_db, "SELECT count(*) FROM documents WHERE job_id = :j", j=job_id)
+    count = fetch_one(
+        clean_db, "SELECT count(*) FROM documents WHERE job_id = :j", j=job_id
+    )
     assert count[0] == 0
 
 
@@ -179,7 +186,31 @@ def test_updated_at_moves_on_every_update_of_a_job(
     assert job.updated_at >= job.finished_at  # type: ignore[operator]
 
     with session_scope(clean_db) as session:
-        session.execute(text("UPDATE jobs SET priority = 3 WHERE job_id = :j"),
-                        {"j": job.job_id})
+        session.execute(
+            text("UPDATE jobs SET max_attempts = 9 WHERE job_id = :j"),
+            {"j": job.job_id},
+        )
 
     assert client.get(job.job_id).updated_at > job.updated_at
+
+
+def test_a_memory_bomb_past_the_sandbox_checks_fails_and_the_worker_goes_on(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """Doubling a string with ~ slips past the value checks; the memory cap stops it."""
+    _register(
+        clean_db,
+        "doubler",
+        "{% set ns = namespace(s='x' * 500000) %}"
+        "{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+        "{{ ns.s|length }}",
+    )
+    bomb = client.submit("doubler", {})
+    good = client.submit("user-stories", sample_input("user-stories"))
+
+    jobs = wait_all(client, [bomb, good])
+
+    assert jobs[0].status == "failed"
+    assert jobs[0].last_error_kind == "sandbox_violation"
+    assert "ran out of memory" in (jobs[0].last_error or "")
+    assert jobs[1].status == "succeeded"
