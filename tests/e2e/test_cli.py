@@ -9,8 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
+from models.db import session_scope
 from models.settings import Settings
+from producer.client import JobClient
 from producer.samples import sample_input
 from tests.services import Account, fetch_one, worker_environment
 
@@ -151,3 +154,65 @@ def test_adpa_keys_revoke_stops_submissions(
     assert result.returncode == 1
     assert "was revoked" in result.stderr
     assert fetch_one(clean_db, "SELECT count(*) FROM jobs")[0] == 0
+
+
+def test_adpa_sweep_delivers_a_job_whose_send_failed(
+    clean_db: Settings, make_account: Callable[..., Account], samples: list[str]
+) -> None:
+    """A job committed while the broker was down is sent by adpa sweep, then runs."""
+    broken = clean_db.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    key = make_account().api_key
+    result = adpa(
+        broken,
+        "submit",
+        "-t",
+        "user-stories",
+        "-i",
+        "-",
+        stdin=json.dumps(sample_input("user-stories")),
+        api_key=key,
+    )
+    assert result.returncode == 0, result.stderr
+    job_id = int(result.stdout.strip())
+    with session_scope(clean_db) as session:
+        session.execute(
+            text(
+                "UPDATE jobs SET created_at = now() - interval '1 hour'"
+                " WHERE job_id = :j"
+            ),
+            {"j": job_id},
+        )
+
+    swept = adpa(clean_db, "sweep")
+
+    assert swept.returncode == 0, swept.stderr
+    assert "resent" in swept.stdout
+    with JobClient(key, clean_db) as client:
+        assert client.wait(job_id, timeout_s=30).status == "succeeded"
+
+
+def test_adpa_jobs_cancel_and_retry(
+    clean_db: Settings, make_account: Callable[..., Account], samples: list[str]
+) -> None:
+    """cancel a queued job, then retry it: it is queued again, attempts reset."""
+    idle = clean_db.model_copy(update={"default_queue": "adpa.idle"})
+    key = make_account().api_key
+    with JobClient(key, idle) as client:
+        job_id = client.submit("user-stories", sample_input("user-stories"))
+
+    canceled = adpa(clean_db, "jobs", "cancel", str(job_id))
+    assert canceled.returncode == 0, canceled.stderr
+    assert f"job {job_id} canceled" in canceled.stdout
+    again = adpa(clean_db, "jobs", "cancel", str(job_id))
+    assert again.returncode == 1
+    assert "is canceled; only queued or running jobs can be canceled" in again.stderr
+
+    retried = adpa(clean_db, "jobs", "retry", str(job_id))
+
+    assert retried.returncode == 0, retried.stderr
+    assert f"job {job_id} queued again on adpa.idle" in retried.stdout
+    with JobClient(key, clean_db) as client:
+        job = client.get(job_id)
+        assert (job.status, job.attempts, job.finished_at) == ("queued", 0, None)
+        events = [e.event for e in client.logs(job_id)]
+    assert events == ["submitted", "canceled", "retried"]
