@@ -34,6 +34,8 @@ def _settings(ctx: click.Context) -> Settings:
 
 
 pass_settings = click.make_pass_decorator(Settings)
+#: For commands that hand their extra arguments to celery.
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
 @click.group()
@@ -431,9 +433,7 @@ def sweep_command(settings: Settings) -> None:
     console.print(table)
 
 
-@cli.command(
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True}
-)
+@cli.command(context_settings=PASS_THROUGH)
 @click.option(
     "--concurrency", "-c", type=click.IntRange(1, 64), default=2, show_default=True
 )
@@ -457,6 +457,31 @@ def worker(ctx: click.Context, concurrency: int) -> None:
         *ctx.args,
     ]
     os.execv(sys.executable, argv)
+
+
+@cli.command(context_settings=PASS_THROUGH)
+@click.pass_context
+def beat(ctx: click.Context) -> None:
+    """Run Celery beat, which schedules the periodic sweep."""
+    schedule = _settings(ctx).data_dir / "celerybeat-schedule"
+    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "beat"]
+    os.execv(sys.executable, [*argv, "-s", str(schedule), *ctx.args])
+
+
+@cli.command(context_settings=PASS_THROUGH)
+@click.pass_context
+def flower(ctx: click.Context) -> None:
+    """Run Flower behind basic auth (ADPA_FLOWER_USER, ADPA_FLOWER_PASSWORD)."""
+    settings = _settings(ctx)
+    if settings.flower_password is None:
+        raise click.UsageError(
+            "Flower never runs open: set ADPA_FLOWER_PASSWORD (and ADPA_FLOWER_USER)"
+        )
+    password = settings.flower_password.get_secret_value()
+    # Through the environment, so the password is not on the command line.
+    os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
+    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "flower"]
+    os.execv(sys.executable, [*argv, *ctx.args])
 
 
 @cli.command()

@@ -478,3 +478,29 @@ def test_beat_runs_the_sweep_on_the_workers(
     finally:
         beat.terminate()
         beat.wait(timeout=20)
+
+
+def test_workers_stay_within_their_connection_budget(
+    stack: Settings, api_key: str, postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    """N pool processes never hold more than (N + 1) x (pool + overflow) connections."""
+    bounded = stack.model_copy(update={"db_pool_size": 1, "db_max_overflow": 1})
+    workers = [
+        start_worker(bounded, tmp_path / f"w{i}.log", concurrency=2, name=f"budget{i}")
+        for i in range(2)
+    ]
+    try:
+        with JobClient(api_key, stack) as client:
+            client.submit_many([JobRequest("slow", {"n": 1500})] * 60)
+        peak = 0
+        while _statuses(stack).get("succeeded", 0) < 60:
+            peak = max(peak, postgres.connections())
+            time.sleep(0.05)
+    finally:
+        for worker in workers:
+            stop_worker(worker)
+
+    processes = 2 * (2 + 1)  # two workers, each a main process and two children
+    per_process = bounded.db_pool_size + bounded.db_max_overflow
+    own = 2  # this test's engine: polling and the producer
+    assert 0 < peak <= processes * per_process + own
