@@ -27,6 +27,10 @@ test: install
 test-unit: install
 	$(BIN)/pytest tests/unit
 
+## Thousands of jobs while workers are killed and Redis restarts (minutes).
+soak: install
+	$(BIN)/python scripts/soak.py
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -6,6 +6,7 @@ queue, and the worker registers the task under that name.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import structlog
@@ -24,6 +25,18 @@ _RETRY_POLICY = {
     "interval_step": 0.5,
     "interval_max": 2.0,
 }
+
+
+def celery_command(program: str, *args: str) -> list[str]:
+    """The command line of a Celery program (worker, beat, flower) for our app."""
+    return [sys.executable, "-m", "celery", "-A", "worker.app", program, *args]
+
+
+def worker_command(settings: Settings, concurrency: int, *args: str) -> list[str]:
+    """A prefork worker consuming both queues, as ``adpa worker`` starts it."""
+    queues = f"{settings.default_queue},{settings.bulk_queue}"
+    pool = ["-P", "prefork", "-c", str(concurrency), "-Q", queues]
+    return celery_command("worker", *pool, *args)
 
 
 def create_sender(settings: Settings) -> Celery:

@@ -20,7 +20,7 @@ from models.settings import Settings, load_settings
 from models.sweep import run_sweep
 from models.tables import Job, JobStatus, Template
 from models.templates import TemplateSpec, list_templates, register_template
-from producer.broker import create_sender, send_jobs
+from producer.broker import celery_command, create_sender, send_jobs, worker_command
 from producer.client import JobClient
 from producer.samples import load_samples
 
@@ -441,21 +441,7 @@ def sweep_command(settings: Settings) -> None:
 def worker(ctx: click.Context, concurrency: int) -> None:
     """Run a Celery worker for both queues (extra arguments go to celery)."""
     settings = _settings(ctx)
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.app",
-        "worker",
-        "-P",
-        "prefork",
-        "-c",
-        str(concurrency),
-        "-Q",
-        f"{settings.default_queue},{settings.bulk_queue}",
-        *ctx.args,
-    ]
+    argv = worker_command(settings, concurrency, *ctx.args)
     os.execv(sys.executable, argv)
 
 
@@ -464,8 +450,8 @@ def worker(ctx: click.Context, concurrency: int) -> None:
 def beat(ctx: click.Context) -> None:
     """Run Celery beat, which schedules the periodic sweep."""
     schedule = _settings(ctx).data_dir / "celerybeat-schedule"
-    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "beat"]
-    os.execv(sys.executable, [*argv, "-s", str(schedule), *ctx.args])
+    argv = celery_command("beat", "-s", str(schedule), *ctx.args)
+    os.execv(sys.executable, argv)
 
 
 @cli.command(context_settings=PASS_THROUGH)
@@ -480,8 +466,7 @@ def flower(ctx: click.Context) -> None:
     password = settings.flower_password.get_secret_value()
     # Through the environment, so the password is not on the command line.
     os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
-    argv = [sys.executable, "-m", "celery", "-A", "worker.app", "flower"]
-    os.execv(sys.executable, [*argv, *ctx.args])
+    os.execv(sys.executable, celery_command("flower", *ctx.args))
 
 
 @cli.command()
@@ -502,12 +487,27 @@ def flower(ctx: click.Context) -> None:
     help="Seconds to wait for every job to finish.",
 )
 @click.option("--concurrency", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option(
+    "--embedded",
+    is_flag=True,
+    help="Ignore the configured database, broker and storage; use the embedded "
+    "default under ADPA_DATA_DIR.",
+)
 @pass_settings
 def demo(
-    settings: Settings, job_count: int, timeout_s: float, concurrency: int
+    settings: Settings,
+    job_count: int,
+    timeout_s: float,
+    concurrency: int,
+    embedded: bool,
 ) -> None:
     """Run the whole system once, on whatever is configured."""
     from producer.demo import run_demo
+
+    if embedded:
+        settings = settings.model_copy(
+            update={"database_url": "", "broker_url": "", "storage_url": ""}
+        )
 
     ok = run_demo(
         settings,

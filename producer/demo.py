@@ -12,7 +12,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from models.errors import AdpaError, NotFound
 from models.settings import Settings
 from models.tables import Job, JobStatus, Template
 from models.templates import TemplateSpec, register_template
+from producer.broker import worker_command
 from producer.client import JobClient, JobRequest
 from producer.samples import load_samples, sample_input, sample_jobs
 
@@ -97,26 +97,9 @@ def _prepare(settings: Settings) -> str:
 
 
 def _start_worker(settings: Settings, concurrency: int) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.app",
-        "worker",
-        "-P",
-        "prefork",
-        "-c",
-        str(concurrency),
-        "-Q",
-        f"{settings.default_queue},{settings.bulk_queue}",
-        "--without-gossip",
-        "--without-mingle",
-        "-l",
-        "WARNING",
-        "-n",
-        f"demo-{os.getpid()}@%h",
-    ]
+    quiet = ["--without-gossip", "--without-mingle", "-l", "WARNING"]
+    name = ["-n", f"demo-{os.getpid()}@%h"]
+    command = worker_command(settings, concurrency, *quiet, *name)
     # The worker must see exactly the demo's settings, whatever .env says.
     env = dict(os.environ)
     for field in ("database_url", "broker_url", "storage_url", "data_dir"):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from models import accounts, migrate
 from models.db import create_db_engine, session_scope
 from models.settings import Settings, load_settings
+from producer.broker import worker_command
 from producer.client import JobClient, JobView
 from producer.samples import load_samples
 from tests.conftest import PROJECT_ROOT, TEST_DATABASE_URL, TEST_REDIS_URL
@@ -129,26 +130,9 @@ class WorkerProcess:
 def start_worker(
     settings: Settings, log_path: Path, *, concurrency: int = 2, name: str = "test"
 ) -> WorkerProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.app",
-        "worker",
-        "-P",
-        "prefork",
-        "-c",
-        str(concurrency),
-        "-Q",
-        f"{settings.default_queue},{settings.bulk_queue}",
-        "-n",
-        f"{name}-{os.getpid()}@%h",
-        "--without-gossip",
-        "--without-mingle",
-        "-l",
-        "INFO",
-    ]
+    quiet = ["--without-gossip", "--without-mingle", "-l", "INFO"]
+    node = ["-n", f"{name}-{os.getpid()}@%h"]
+    command = worker_command(settings, concurrency, *quiet, *node)
     with open(log_path, "ab") as handle:
         process = subprocess.Popen(
             command,
@@ -186,10 +170,11 @@ def celery_worker(pg_settings: Settings, services_dir: Path) -> Iterator[WorkerP
 
 @pytest.fixture
 def clean_db(pg_settings: Settings) -> Settings:
-    """Empty tables and an empty broker before the test."""
+    """Empty tables, broker and storage before the test."""
     with session_scope(pg_settings) as session:
         session.execute(text(f"TRUNCATE {TABLES} CASCADE"))
     redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+    shutil.rmtree(pg_settings.storage_root, ignore_errors=True)
     return pg_settings
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,11 +26,16 @@ from models.db import dispose_engines, session_scope
 from models.settings import Settings, load_settings
 from models.sweep import SweepReport, run_sweep
 from models.templates import TemplateSpec, register_template
-from producer.broker import TASK_RENDER, create_sender, send_jobs
+from producer.broker import TASK_RENDER, celery_command, create_sender, send_jobs
 from producer.client import JobClient, JobRequest
 from producer.samples import load_samples, sample_input
 from tests.faults import PostgresCluster, RedisServer, kill_tree
-from tests.services import WorkerProcess, start_worker, stop_worker
+from tests.services import (
+    WorkerProcess,
+    start_worker,
+    stop_worker,
+    worker_environment,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -449,24 +455,9 @@ def test_beat_runs_the_sweep_on_the_workers(
     with JobClient(api_key, unreachable) as client:
         job_id = client.submit("user-stories", sample_input("user-stories"))
     workers()
-    import subprocess
-    import sys
-
-    from tests.services import worker_environment
-
+    schedule = str(tmp_path / "beat-schedule")
     beat = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.app",
-            "beat",
-            "-s",
-            str(tmp_path / "beat-schedule"),
-            "-l",
-            "WARNING",
-        ],
+        celery_command("beat", "-s", schedule, "-l", "WARNING"),
         env=worker_environment(stack),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

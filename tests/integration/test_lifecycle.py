@@ -85,7 +85,9 @@ def test_a_running_job_stops_at_its_next_safe_point(
     assert job.status == "canceled"
     assert job.finished_at is not None
     assert client.documents(job_id) == []
-    assert not any(p.is_file() for p in clean_db.storage_root.rglob("*"))
+    assert not any(
+        p.is_file() for p in (clean_db.storage_root / str(job_id)).rglob("*")
+    )
     events = [e.event for e in client.logs(job_id)]
     assert events[-2:] == ["cancel_requested", "canceled"]
 
