@@ -27,6 +27,10 @@ test: install
 test-unit: install
 	$(BIN)/pytest tests/unit
 
+## Ratios against a baseline measured in the same run (needs PostgreSQL + Redis).
+bench: install
+	$(BIN)/python scripts/bench.py
+
 ## Thousands of jobs while workers are killed and Redis restarts (minutes).
 soak: install
 	$(BIN)/python scripts/soak.py

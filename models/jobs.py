@@ -204,33 +204,45 @@ def _running_claim(claim: ClaimedJob) -> Any:
     )
 
 
+def _move_claimed(
+    session: Session, claim: ClaimedJob, *conditions: Any, **values: Any
+) -> bool:
+    """Move a job this claim still holds out of running; False when it does not.
+
+    Every such move ends the lease; ``conditions`` narrow it further.
+    """
+    result = session.execute(
+        update(Job)
+        .where(_running_claim(claim), *conditions)
+        .values(lease_expires_at=None, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return rows_changed(result) == 1
+
+
 def complete_job(session: Session, claim: ClaimedJob, document: StoredDocument) -> bool:
     """Record the document and mark the job succeeded, in the caller's transaction.
 
     Returns False, having changed nothing, when the claim is no longer current
-    (the sweep gave the job to another worker, or it was canceled); the caller
-    rolls back and removes its file.
+    (the sweep gave the job to another worker) or a cancel was asked for; the
+    caller rolls back and removes its file.
     """
     output = {
         "file_path": document.file_path,
         "file_size": document.file_size,
         "sha256": document.sha256,
     }
-    result = session.execute(
-        update(Job)
-        .where(_running_claim(claim))
-        .where(Job.cancel_requested_at.is_(None))
-        .values(
-            status=JobStatus.SUCCEEDED.value,
-            finished_at=utcnow(),
-            output_data=output,
-            lease_expires_at=None,
-            last_error=None,
-            last_error_kind=None,
-        )
-        .execution_options(synchronize_session=False)
+    moved = _move_claimed(
+        session,
+        claim,
+        Job.cancel_requested_at.is_(None),
+        status=JobStatus.SUCCEEDED.value,
+        finished_at=utcnow(),
+        output_data=output,
+        last_error=None,
+        last_error_kind=None,
     )
-    if rows_changed(result) != 1:
+    if not moved:
         return False
 
     session.add(
@@ -242,43 +254,33 @@ def complete_job(session: Session, claim: ClaimedJob, document: StoredDocument) 
             sha256=document.sha256,
         )
     )
-    add_log(
-        session,
-        claim.job_id,
-        "stored",
-        f"{document.file_path} ({document.file_size} bytes)",
-        attempt=claim.attempt,
-    )
+    stored = f"{document.file_path} ({document.file_size} bytes)"
+    add_log(session, claim.job_id, "stored", stored, attempt=claim.attempt)
     add_log(session, claim.job_id, "succeeded", "document ready", attempt=claim.attempt)
     return True
 
 
 def fail_job(session: Session, claim: ClaimedJob, error_kind: str, error: str) -> bool:
     """Mark a running job failed with its error; False if the claim is stale."""
-    result = session.execute(
-        update(Job)
-        .where(_running_claim(claim))
-        .values(
-            status=JobStatus.FAILED.value,
-            finished_at=utcnow(),
-            last_error=error[:MAX_ERROR_CHARS],
-            last_error_kind=error_kind,
-            lease_expires_at=None,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if rows_changed(result) != 1:
-        return False
-    add_log(
+    moved = _move_claimed(
         session,
-        claim.job_id,
-        "failed",
-        error,
-        level="ERROR",
-        attempt=claim.attempt,
-        error_kind=error_kind,
+        claim,
+        status=JobStatus.FAILED.value,
+        finished_at=utcnow(),
+        last_error=error[:MAX_ERROR_CHARS],
+        last_error_kind=error_kind,
     )
-    return True
+    if moved:
+        add_log(
+            session,
+            claim.job_id,
+            "failed",
+            error,
+            level="ERROR",
+            attempt=claim.attempt,
+            error_kind=error_kind,
+        )
+    return moved
 
 
 def requeue_job(
@@ -290,32 +292,28 @@ def requeue_job(
     delay_s: float,
 ) -> bool:
     """Give a running job back to the queue after a transient error."""
-    result = session.execute(
-        update(Job)
-        .where(_running_claim(claim))
-        .values(
-            status=JobStatus.QUEUED.value,
-            not_before=utc_after(delay_s),
-            enqueued_at=utcnow(),
-            last_error=error[:MAX_ERROR_CHARS],
-            last_error_kind=error_kind,
-            lease_expires_at=None,
-            worker=None,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if rows_changed(result) != 1:
-        return False
-    add_log(
+    moved = _move_claimed(
         session,
-        claim.job_id,
-        "retry_scheduled",
-        f"{error} (next attempt in {delay_s:.1f}s)",
-        level="WARNING",
-        attempt=claim.attempt,
-        error_kind=error_kind,
+        claim,
+        status=JobStatus.QUEUED.value,
+        not_before=utc_after(delay_s),
+        enqueued_at=utcnow(),
+        last_error=error[:MAX_ERROR_CHARS],
+        last_error_kind=error_kind,
+        worker=None,
     )
-    return True
+    if moved:
+        message = f"{error} (next attempt in {delay_s:.1f}s)"
+        add_log(
+            session,
+            claim.job_id,
+            "retry_scheduled",
+            message,
+            level="WARNING",
+            attempt=claim.attempt,
+            error_kind=error_kind,
+        )
+    return moved
 
 
 def get_job(session: Session, job_id: int) -> Job | None:
@@ -368,27 +366,22 @@ def renew_lease(session: Session, claim: ClaimedJob, lease_s: float) -> str:
 
 def cancel_running_claim(session: Session, claim: ClaimedJob) -> bool:
     """End a running job as canceled at a safe point (nothing was recorded)."""
-    result = session.execute(
-        update(Job)
-        .where(_running_claim(claim))
-        .where(Job.cancel_requested_at.is_not(None))
-        .values(
-            status=JobStatus.CANCELED.value,
-            finished_at=utcnow(),
-            lease_expires_at=None,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if rows_changed(result) != 1:
-        return False
-    add_log(
+    moved = _move_claimed(
         session,
-        claim.job_id,
-        "canceled",
-        "stopped at a safe point",
-        attempt=claim.attempt,
+        claim,
+        Job.cancel_requested_at.is_not(None),
+        status=JobStatus.CANCELED.value,
+        finished_at=utcnow(),
     )
-    return True
+    if moved:
+        add_log(
+            session,
+            claim.job_id,
+            "canceled",
+            "stopped at a safe point",
+            attempt=claim.attempt,
+        )
+    return moved
 
 
 def request_cancel(session: Session, job_id: int, user_id: int | None = None) -> str:
