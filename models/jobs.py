@@ -9,7 +9,7 @@ whose claim was taken over can no longer change the job.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -462,9 +462,21 @@ class SweepResult:
 
 
 def sweep(
-    session: Session, *, queued_after_s: float, unsent_after_s: float, limit: int
+    session: Session,
+    *,
+    queued_after_s: float,
+    unsent_after_s: float,
+    limit: int,
+    queue_depth: Callable[[str], int] | None = None,
 ) -> SweepResult:
     """Find jobs whose message or worker was lost, and fix their rows.
+
+    Queued jobs whose message never went out are sent. Of the jobs whose
+    message went out long ago, only as many are sent again as the broker's
+    queue lacks (``queue_depth``): a job still waiting behind a long backlog
+    keeps its one message, and a backlog is not doubled at every sweep. A
+    lost message in a busy queue is resent once the queue drains below the
+    number of jobs waiting in it.
 
     Rows are locked with SKIP LOCKED, so sweeps on several machines share the
     work instead of doing it twice. The caller sends the messages after the
@@ -472,34 +484,31 @@ def sweep(
     """
     now = session.scalar(select(utcnow()))
     assert now is not None
-    stale_queued = session.execute(
-        select(Job.job_id, Job.queue)
-        .where(
-            Job.status == JobStatus.QUEUED.value,
-            or_(
-                Job.not_before.is_(None),
-                Job.not_before < now - timedelta(seconds=queued_after_s),
-            ),
-            or_(
-                and_(
-                    Job.enqueued_at.is_(None),
-                    Job.created_at < now - timedelta(seconds=unsent_after_s),
-                ),
-                Job.enqueued_at < now - timedelta(seconds=queued_after_s),
-            ),
-        )
-        .order_by(Job.job_id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+    queued_before = now - timedelta(seconds=queued_after_s)
+    queued = Job.status == JobStatus.QUEUED.value
+    never_sent = and_(
+        queued,
+        Job.enqueued_at.is_(None),
+        Job.created_at < now - timedelta(seconds=unsent_after_s),
+        or_(Job.not_before.is_(None), Job.not_before <= now),
+    )
+    sent_long_ago = and_(
+        queued,
+        Job.enqueued_at < queued_before,
+        or_(Job.not_before.is_(None), Job.not_before < queued_before),
+    )
+
+    resend = _lock_queued(session, never_sent, limit)
+    waiting = session.execute(
+        select(Job.queue, func.count()).where(sent_long_ago).group_by(Job.queue)
     ).all()
-    resend = [(job_id, queue) for job_id, queue in stale_queued]
+    for queue, count in waiting:
+        missing = count - (queue_depth(queue) if queue_depth else 0)
+        if missing > 0:
+            condition = and_(sent_long_ago, Job.queue == queue)
+            resend += _lock_queued(session, condition, min(missing, limit))
     if resend:
-        session.execute(
-            update(Job)
-            .where(Job.job_id.in_([job_id for job_id, _ in resend]))
-            .values(enqueued_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
+        mark_enqueued(session, [job_id for job_id, _ in resend])
         for job_id, _ in resend:
             add_log(
                 session,
@@ -522,6 +531,18 @@ def sweep(
         _release(session, job, result, reason, "lease_expired")
     session.flush()
     return result
+
+
+def _lock_queued(session: Session, condition: Any, limit: int) -> list[tuple[int, str]]:
+    """Lock up to ``limit`` queued jobs, oldest message first; skips locked rows."""
+    rows = session.execute(
+        select(Job.job_id, Job.queue)
+        .where(condition)
+        .order_by(Job.enqueued_at.nulls_first(), Job.job_id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    return [(job_id, queue) for job_id, queue in rows]
 
 
 def _release(

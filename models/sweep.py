@@ -23,6 +23,8 @@ logger = structlog.get_logger(__name__)
 
 #: Sends one message per job id to a queue; returns the ids that went out.
 SendJobs = Callable[[Sequence[int], str], list[int]]
+#: Messages waiting in a broker queue (0 when the broker cannot say).
+QueueDepth = Callable[[str], int]
 #: Removes whatever files a job left, for jobs that ended without a document.
 DiscardFiles = Callable[[int], None]
 
@@ -43,7 +45,10 @@ class SweepReport:
 
 
 def run_sweep(
-    settings: Settings, send: SendJobs, discard: DiscardFiles | None = None
+    settings: Settings,
+    send: SendJobs,
+    discard: DiscardFiles | None = None,
+    queue_depth: QueueDepth | None = None,
 ) -> SweepReport:
     """One pass of the sweep; safe to run on several machines at once."""
     with session_scope(settings) as session:
@@ -52,6 +57,7 @@ def run_sweep(
             queued_after_s=settings.sweep_queued_after_s,
             unsent_after_s=settings.sweep_unsent_after_s,
             limit=settings.sweep_batch,
+            queue_depth=queue_depth,
         )
 
     by_queue: dict[str, list[int]] = defaultdict(list)

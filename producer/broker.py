@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 from celery import Celery
 
 from models.settings import Settings
+from models.sweep import DiscardFiles, SweepReport, run_sweep
 
 #: The worker's task that renders one job; kept in step with ``worker.app``.
 TASK_RENDER = "adpa.render_document"
@@ -73,3 +75,27 @@ def send_jobs(app: Celery, job_ids: Sequence[int], queue: str) -> list[int]:
             unsent=len(job_ids) - len(sent),
         )
     return sent
+
+
+def queue_depth(app: Celery, queue: str) -> int:
+    """Messages waiting in a queue; 0 when the broker cannot be asked."""
+    try:
+        with app.connection_for_read() as connection:
+            channel: Any = connection.default_channel
+            declared = channel.queue_declare(queue=queue, passive=True)
+            return int(declared.message_count)
+    except Exception as exc:  # kombu raises many kinds for an unreachable broker
+        logger.warning("queue_depth_unknown", queue=queue, reason=str(exc))
+        return 0
+
+
+def sweep_through(
+    app: Celery, settings: Settings, discard: DiscardFiles | None = None
+) -> SweepReport:
+    """Run one sweep, sending its messages through ``app`` and asking it for depths."""
+    return run_sweep(
+        settings,
+        lambda job_ids, queue: send_jobs(app, job_ids, queue),
+        discard,
+        lambda queue: queue_depth(app, queue),
+    )

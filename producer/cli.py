@@ -17,10 +17,15 @@ from models.db import session_scope
 from models.errors import AdpaError, InvalidInput, NotFound, SettingsError
 from models.logs import configure_logging
 from models.settings import Settings, load_settings
-from models.sweep import run_sweep
 from models.tables import Job, JobStatus, Template
 from models.templates import TemplateSpec, list_templates, register_template
-from producer.broker import celery_command, create_sender, send_jobs, worker_command
+from producer.broker import (
+    celery_command,
+    create_sender,
+    send_jobs,
+    sweep_through,
+    worker_command,
+)
 from producer.client import JobClient
 from producer.samples import load_samples
 
@@ -419,7 +424,7 @@ def sweep_command(settings: Settings) -> None:
     """
     sender = create_sender(settings)
     try:
-        report = run_sweep(settings, lambda ids, queue: send_jobs(sender, ids, queue))
+        report = sweep_through(sender, settings)
     finally:
         sender.close()
     table = Table("resent", "requeued", "failed", "canceled", "not sent", title="sweep")

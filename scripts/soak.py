@@ -44,16 +44,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy import text
 
 # ``tests`` is not an installed package: import it from the project folder.
@@ -65,6 +66,7 @@ from models import accounts, migrate  # noqa: E402
 from models.db import dispose_engines, session_scope  # noqa: E402
 from models.logs import configure_logging  # noqa: E402
 from models.settings import Settings, load_settings  # noqa: E402
+from producer.broker import celery_command  # noqa: E402
 from producer.client import JobClient, JobRequest  # noqa: E402
 from producer.samples import load_samples, sample_jobs  # noqa: E402
 from tests.faults import (  # noqa: E402
@@ -96,6 +98,8 @@ WORKER_KILL_PATIENCE_S = 10.0
 BATCH_TRIES = 10
 #: Problem jobs shown in detail per failed check.
 SHOWN_PER_CHECK = 5
+#: Worker log lines shown per job and log file (the last ones).
+LOG_LINES_PER_JOB = 40
 
 console = Console()
 
@@ -126,7 +130,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         type=int,
         default=0,
         help="wait before a batch while more than this many jobs are unfinished "
-        "(0: submit as fast as possible)",
+        "(0, the default: submit as fast as possible; with a limit the Redis "
+        "outage may fall between two batches)",
     )
     parser.add_argument(
         "--timeout", type=float, default=900, help="seconds to wait for every job"
@@ -213,18 +218,9 @@ class Stack:
     def _start_beat(self) -> None:
         with (self.work / "beat.log").open("ab") as log:
             self._beat = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "worker.app",
-                    "beat",
-                    "-s",
-                    str(self.work / "beat-schedule"),
-                    "-l",
-                    "INFO",
-                ],
+                celery_command(
+                    "beat", "-s", str(self.work / "beat-schedule"), "-l", "INFO"
+                ),
                 env=worker_environment(self.settings),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -470,24 +466,24 @@ def chaos(run: Run, stack: Stack, rng: random.Random) -> None:
 def kill_a_worker(stack: Stack, rng: random.Random, *, busy_only: bool) -> int | None:
     """kill -9 a whole worker, then start a replacement.
 
-    Returns how many jobs the killed worker was running, or None when
-    ``busy_only`` and no worker is running a job.
+    Returns how many jobs the dead worker left running (the sweep gives them
+    back once their lease expires), or None when ``busy_only`` and no worker
+    is running a job.
     """
     running = running_pids(stack.settings)
     workers = stack.live_workers()
-    busy = {
-        worker.process.pid: len(running & set(process_children(worker.process.pid)))
-        for worker in workers
-    }
-    candidates = [w for w in workers if busy[w.process.pid]] or (
+    pools = {w.process.pid: set(process_children(w.process.pid)) for w in workers}
+    candidates = [w for w in workers if running & pools[w.process.pid]] or (
         [] if busy_only else workers
     )
     if not candidates:
         return None
     victim = rng.choice(candidates)
     stack.kill_worker(victim)
+    # Counted after the kill: a job may have ended between the look and the kill.
+    orphaned = len(running_pids(stack.settings) & pools[victim.process.pid])
     stack.add_worker()
-    return busy[victim.process.pid]
+    return orphaned
 
 
 def kill_a_pool_process(stack: Stack, rng: random.Random) -> bool | None:
@@ -561,7 +557,7 @@ def watch(run: Run, settings: Settings, timeout_s: float) -> None:
 
 
 class _Display:
-    """A rich progress display on a terminal, a plain line every 5s elsewhere."""
+    """Bars and a status line on a terminal; elsewhere a plain line every 5s."""
 
     PLAIN_EVERY_S = 5.0
 
@@ -569,36 +565,32 @@ class _Display:
         self.run = run
         self.started = time.monotonic()
         self._last_line = 0.0
-        self._progress: Progress | None = None
-        self._tasks: tuple[TaskID, TaskID] | None = None
+        self._progress = Progress(
+            TextColumn("{task.description:>9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        self._submitted = self._progress.add_task("submitted", total=run.jobs)
+        self._ended = self._progress.add_task("ended", total=run.jobs)
+        self._live: Live | None = None
 
     def __enter__(self) -> _Display:
         if console.is_terminal:
-            self._progress = Progress(
-                TextColumn("{task.description:>9}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[detail]}"),
-                console=console,
-            )
-            self._progress.start()
-            self._tasks = (
-                self._progress.add_task("submitted", total=self.run.jobs, detail=""),
-                self._progress.add_task("ended", total=self.run.jobs, detail=""),
-            )
+            self._live = Live(self._progress, console=console, refresh_per_second=4)
+            self._live.start()
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        if self._live is not None:
+            self._live.stop()
 
     def update(self, counts: Counter[str]) -> None:
         detail = describe(self.run, counts)
-        if self._progress is not None and self._tasks is not None:
-            submitted, ended = self._tasks
-            self._progress.update(submitted, completed=self.run.submitted)
-            self._progress.update(ended, completed=self.run.finished, detail=detail)
+        if self._live is not None:
+            self._progress.update(self._submitted, completed=self.run.submitted)
+            self._progress.update(self._ended, completed=self.run.finished)
+            self._live.update(Group(self._progress, Text(detail)))
             return
         now = time.monotonic()
         if now - self._last_line >= self.PLAIN_EVERY_S:
@@ -832,7 +824,7 @@ def figures_table(
         ("pool processes killed", str(run.pool_kills), ""),
         ("  of which running a job", str(run.busy_kills), ""),
         ("whole workers killed", str(run.worker_kills), ""),
-        ("  jobs running on it", str(run.worker_kill_jobs), ""),
+        ("  jobs it left running", str(run.worker_kill_jobs), ""),
         ("Redis restarts", str(run.redis_restarts), ""),
         ("jobs succeeded", str(found.statuses["succeeded"]), ""),
         (
@@ -937,7 +929,8 @@ def describe_job(settings: Settings, stack: Stack, job_id: int) -> str:
             ),
             {"j": job_id},
         ).all()
-    lines = [f"-- job {job_id}: {dict(job) if job else 'no row'}"]
+    row = ", ".join(f"{k}={v}" for k, v in job.items()) if job else "no row"
+    lines = [f"-- job {job_id}: {row}"]
     lines += [f"   document {d[0]}: {d[1]} ({d[2]} bytes)" for d in documents]
     lines += [
         f"   log {t:%H:%M:%S.%f} {event} attempt={attempt} kind={kind}: {message}"
@@ -947,6 +940,10 @@ def describe_job(settings: Settings, stack: Stack, job_id: int) -> str:
     for path in stack.worker_logs():
         with path.open(errors="replace") as log:
             hits = [line.rstrip() for line in log if pattern.search(line)]
+        if len(hits) > LOG_LINES_PER_JOB:
+            left_out = len(hits) - LOG_LINES_PER_JOB
+            lines.append(f"   {path.name}: ({left_out} earlier lines left out)")
+            hits = hits[-LOG_LINES_PER_JOB:]
         lines += [f"   {path.name}: {hit}" for hit in hits]
     return "\n".join(lines)
 
@@ -995,8 +992,9 @@ def soak(options: Options, stack: Stack) -> bool:
 def report(
     run: Run, settings: Settings, stack: Stack, results: list[Check], found: Findings
 ) -> bool:
+    """Say what failed, with the jobs behind it; True when nothing did."""
     for error in run.errors:
-        console.print(f"[red]error: {error}[/]", highlight=False)
+        console.print(f"[red]FAILED: {error}[/]", highlight=False)
     failed = found.statuses["failed"]
     if failed and failed > max(3, run.jobs // 100):
         console.print(
@@ -1006,7 +1004,7 @@ def report(
     if broken:
         details = diagnose(settings, stack, results, found)
         (stack.work / "diagnostics.txt").write_text(details + "\n", encoding="utf-8")
-        console.print(details, highlight=False, markup=False)
+        console.print(details, highlight=False, markup=False, soft_wrap=True)
         for check in broken:
             console.print(f"[red]FAILED: {check.name}[/]")
     if not broken and not run.errors:

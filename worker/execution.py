@@ -64,6 +64,11 @@ def backoff_delay(settings: Settings, attempt: int) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
+def max_countdown_s(settings: Settings) -> float:
+    """Longest a worker may hold a message before running it."""
+    return settings.visibility_timeout_s / 2
+
+
 def document_path(claim: ClaimedJob) -> str:
     """Where a claim's document goes; each claim has a folder of its own."""
     name = safe_file_name(claim.template_name)
@@ -84,8 +89,14 @@ def run_job(
         return Delivery(Outcome.RETRY, delay_s)
     if claim is None:
         log.info("delivery_skipped", reason=reason)
-        if due_in_s is not None:
+        if due_in_s is None:
+            return Delivery(Outcome.DONE)
+        if due_in_s <= max_countdown_s(settings):
             return Delivery(Outcome.EARLY, due_in_s)
+        # Too far off to hold in a worker: Redis would hand the held message
+        # to another worker after its visibility timeout. The sweep sends it.
+        with session_scope(settings) as session:
+            jobs.clear_enqueued(session, [job_id])
         return Delivery(Outcome.DONE)
 
     structlog.contextvars.bind_contextvars(

@@ -19,7 +19,7 @@ from models import jobs
 from models.db import session_scope
 from models.errors import StorageError
 from models.settings import Settings
-from models.sweep import run_sweep
+from producer.broker import sweep_through
 from worker.app import TASK_RENDER, TASK_SWEEP, app
 from worker.execution import Outcome, run_job
 from worker.storage import LocalStorage
@@ -146,21 +146,8 @@ def render_document(self: Task[Any, Any], job_id: Any = None, *_extra: Any) -> N
         raise self.retry(countdown=max(delivery.delay_s, 0.1))
 
 
-def send_jobs(job_ids: Sequence[int], queue: str) -> list[int]:
-    """Send one render message per job from inside a worker."""
-    sent: list[int] = []
-    for job_id in job_ids:
-        try:
-            app.send_task(TASK_RENDER, args=[job_id], queue=queue)
-        except Exception as exc:  # kombu raises many kinds for a lost broker
-            logger.warning("job_enqueue_deferred", job_id=job_id, reason=str(exc))
-            break
-        sent.append(job_id)
-    return sent
-
-
 @app.task(name=TASK_SWEEP, ignore_result=True)
 def sweep() -> dict[str, int]:
     """Resend lost messages and settle jobs whose worker stopped renewing."""
-    report = run_sweep(_settings(), send_jobs, _discard_job_files)
+    report = sweep_through(app, _settings(), _discard_job_files)
     return dict(report.__dict__)

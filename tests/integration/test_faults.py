@@ -24,9 +24,15 @@ from sqlalchemy import text
 from models import accounts, migrate
 from models.db import dispose_engines, session_scope
 from models.settings import Settings, load_settings
-from models.sweep import SweepReport, run_sweep
+from models.sweep import SweepReport
 from models.templates import TemplateSpec, register_template
-from producer.broker import TASK_RENDER, celery_command, create_sender, send_jobs
+from producer.broker import (
+    TASK_RENDER,
+    celery_command,
+    create_sender,
+    send_jobs,
+    sweep_through,
+)
 from producer.client import JobClient, JobRequest
 from producer.samples import load_samples, sample_input
 from tests.faults import PostgresCluster, RedisServer, kill_tree
@@ -157,7 +163,7 @@ def _statuses(settings: Settings) -> dict[str, int]:
 def _sweep(settings: Settings) -> SweepReport:
     sender = create_sender(settings)
     try:
-        return run_sweep(settings, lambda ids, queue: send_jobs(sender, ids, queue))
+        return sweep_through(sender, settings)
     finally:
         sender.close()
 

@@ -1,0 +1,136 @@
+"""The sweep on PostgreSQL and Redis: what it resends, and what it leaves alone."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis
+from sqlalchemy import text
+
+from models import jobs
+from models.db import session_scope
+from models.settings import Settings
+from producer.broker import sweep_through
+from producer.client import JobClient, JobRequest
+from producer.samples import sample_input
+from tests.conftest import TEST_REDIS_URL
+from worker.execution import Outcome, run_job
+from worker.storage import LocalStorage
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(idle_client: JobClient) -> JobClient:
+    """Jobs stay where the test puts them: no worker consumes their queue."""
+    return idle_client
+
+
+def _age_messages(settings: Settings, hours: int = 1) -> None:
+    """Pretend every job's message went out long ago."""
+    with session_scope(settings) as session:
+        session.execute(
+            text("UPDATE jobs SET enqueued_at = now() - make_interval(hours => :h)"),
+            {"h": hours},
+        )
+
+
+def _resend_count(settings: Settings) -> int:
+    with session_scope(settings) as session:
+        return int(
+            session.execute(
+                text("SELECT count(*) FROM job_logs WHERE event = 'resent'")
+            ).scalar_one()
+        )
+
+
+def test_a_backlog_still_in_the_broker_is_not_sent_twice(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """Jobs waiting behind a long queue keep their one message."""
+    client.submit_many([JobRequest("user-stories", sample_input("user-stories"))] * 10)
+    _age_messages(clean_db)
+    queue = client.settings.bulk_queue
+    broker = redis.Redis.from_url(TEST_REDIS_URL)
+    assert broker.llen(queue) == 10
+
+    report = sweep_through(client._sender, clean_db)
+
+    assert report.resent == 0
+    assert broker.llen(queue) == 10
+
+
+def test_messages_the_broker_lost_are_sent_again_once(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """Only as many jobs are resent as the queue lacks, and each of them once."""
+    client.submit_many([JobRequest("user-stories", sample_input("user-stories"))] * 10)
+    _age_messages(clean_db)
+    queue = client.settings.bulk_queue
+    broker = redis.Redis.from_url(TEST_REDIS_URL)
+    for _ in range(4):
+        broker.rpop(queue)  # four messages lost
+
+    first = sweep_through(client._sender, clean_db)
+    second = sweep_through(client._sender, clean_db)
+
+    assert first.resent == 4
+    assert second.resent == 0
+    assert broker.llen(queue) == 10
+    assert _resend_count(clean_db) == 4
+
+
+def test_a_job_never_sent_is_sent_whatever_the_queue_holds(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """A committed job whose send failed is sent by the next sweep."""
+    client.submit_many([JobRequest("user-stories", sample_input("user-stories"))] * 3)
+    unsent = client.settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with JobClient(client._api_key, unsent) as offline:
+        job_id = offline.submit("user-stories", sample_input("user-stories"))
+    with session_scope(clean_db) as session:
+        session.execute(
+            text(
+                "UPDATE jobs SET created_at = now() - interval '1 hour'"
+                " WHERE job_id = :j"
+            ),
+            {"j": job_id},
+        )
+
+    report = sweep_through(client._sender, clean_db)
+
+    assert report.resent == 1
+    with session_scope(clean_db) as session:
+        job = jobs.get_job(session, job_id)
+        assert job is not None and job.enqueued_at is not None
+
+
+def test_a_job_due_far_ahead_is_left_to_the_sweep(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """A worker does not hold a message for hours; the sweep sends it when due."""
+    later = datetime.now(UTC) + timedelta(hours=2)
+    job_id = client.submit(
+        "user-stories", sample_input("user-stories"), not_before=later
+    )
+
+    delivery = run_job(
+        job_id,
+        task_id="t",
+        worker="w",
+        settings=clean_db,
+        storage=LocalStorage(clean_db.storage_root),
+    )
+
+    assert delivery.outcome == Outcome.DONE
+    assert sweep_through(client._sender, clean_db).resent == 0
+    with session_scope(clean_db) as session:
+        session.execute(
+            text(
+                "UPDATE jobs SET not_before = now() - interval '1 second',"
+                " created_at = now() - interval '1 hour' WHERE job_id = :j"
+            ),
+            {"j": job_id},
+        )
+    assert sweep_through(client._sender, clean_db).resent == 1
