@@ -28,6 +28,7 @@ from sqlalchemy import text
 
 from models import accounts, migrate
 from models.db import session_scope
+from models.logs import configure_logging
 from models.sandbox import sandbox
 from models.settings import Settings, load_settings
 from producer.client import JobClient, JobRequest
@@ -39,15 +40,18 @@ DATABASE_URL = os.environ.get(
 REDIS_URL = os.environ.get("ADPA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
-def best_of(repeats: int, run: Callable[[], int]) -> tuple[float, int]:
-    """Median seconds over ``repeats`` runs, and the work count of one run."""
-    times = []
+def interleaved(
+    repeats: int, baseline: Callable[[], int], measured: Callable[[], int]
+) -> tuple[float, float, int]:
+    """Median seconds of each, run in turns so load changes hit both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
     count = 0
     for _ in range(repeats):
-        started = time.perf_counter()
-        count = run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), count
+        for run, spent in ((baseline, times[0]), (measured, times[1])):
+            started = time.perf_counter()
+            count = run()
+            spent.append(time.perf_counter() - started)
+    return statistics.median(times[0]), statistics.median(times[1]), count
 
 
 def bench_rendering(repeats: int) -> tuple[float, float, int]:
@@ -69,9 +73,7 @@ def bench_rendering(repeats: int) -> tuple[float, float, int]:
             templates[line["template"]].render(line["input"])
         return len(lines)
 
-    baseline_s, count = best_of(repeats, lambda: render_all(plain))
-    sandboxed_s, _ = best_of(repeats, lambda: render_all(bounded))
-    return baseline_s, sandboxed_s, count
+    return interleaved(repeats, lambda: render_all(plain), lambda: render_all(bounded))
 
 
 def _prepare_database(settings: Settings) -> str:
@@ -121,7 +123,7 @@ def bench_submission(jobs: int) -> tuple[float, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument(
         "--skip-submission",
@@ -130,6 +132,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     console = Console()
+    configure_logging(load_settings(log_level="WARNING"))
 
     table = Table("benchmark", "baseline", "measured", "ratio", title="adpa bench")
     plain_s, sandboxed_s, renders = bench_rendering(args.repeats)
