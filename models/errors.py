@@ -26,6 +26,21 @@ class SettingsError(AdpaError):
         super().__init__(text)
 
 
+class SchemaOutOfDate(AdpaError):
+    """Raised when the database's schema revision is not the code's."""
+
+    kind = "schema"
+
+    def __init__(self, current: str | None, head: str | None) -> None:
+        self.current = current
+        self.head = head
+        found = f"revision {current}" if current else "no schema (an empty database)"
+        super().__init__(
+            f"the database has {found}; this version needs revision {head}: "
+            "run 'adpa db upgrade'"
+        )
+
+
 class PermanentError(AdpaError):
     """A job error that no retry can fix; the job fails at once."""
 

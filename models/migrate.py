@@ -6,8 +6,12 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 import migrations
+from models.db import get_engine
+from models.errors import SchemaOutOfDate
 from models.settings import Settings
 
 MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
@@ -33,9 +37,19 @@ def downgrade(settings: Settings, revision: str) -> None:
 
 
 def current_revision(settings: Settings) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
-    from models.db import get_engine
-
     with get_engine(settings).connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def head_revision() -> str | None:
+    """The newest revision this version of the code ships."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+def require_current(settings: Settings) -> None:
+    """Refuse to work on a database whose schema is not the one the code expects."""
+    current, head = current_revision(settings), head_revision()
+    if current != head:
+        raise SchemaOutOfDate(current, head)

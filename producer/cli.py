@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from models import accounts, jobs, migrate
 from models.db import session_scope
@@ -56,6 +57,9 @@ def cli(ctx: click.Context) -> None:
     settings = load_settings()
     configure_logging(settings)
     ctx.obj = settings
+    # Every command but these reads or writes tables the migrations create.
+    if ctx.invoked_subcommand not in {"db", "demo", "beat", "flower", None}:
+        migrate.require_current(settings)
 
 
 # -- database -------------------------------------------------------------
@@ -570,4 +574,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except (AdpaError, TimeoutError) as exc:
         click.echo(f"adpa: error: {exc}", err=True)
+        sys.exit(1)
+    except SQLAlchemyError as exc:
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        click.echo(f"adpa: error: database: {cause}", err=True)
         sys.exit(1)

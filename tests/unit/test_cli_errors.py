@@ -1,0 +1,61 @@
+"""The CLI's answer when the database is missing, empty or unreachable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import PROJECT_ROOT
+
+
+def _adpa(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("ADPA_")}
+    environment.update(env, PYTHONPATH=str(PROJECT_ROOT))
+    return subprocess.run(
+        [sys.executable, "-c", "from producer.cli import main; main()", *args],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_command_on_an_empty_database_says_to_migrate(tmp_path: Path) -> None:
+    """No schema yet: one line telling the user to run adpa db upgrade."""
+    result = _adpa(tmp_path, "templates", "list")
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "adpa: error: the database has no schema (an empty database); this version"
+        " needs revision 0001: run 'adpa db upgrade'"
+    ]
+
+
+def test_after_adpa_db_upgrade_the_same_command_works(tmp_path: Path) -> None:
+    """The advice in that line is enough."""
+    assert _adpa(tmp_path, "db", "upgrade").returncode == 0
+
+    result = _adpa(tmp_path, "templates", "list")
+
+    assert result.returncode == 0, result.stderr
+    assert "name" in result.stdout
+
+
+def test_an_unreachable_database_is_one_line_naming_the_failure(
+    tmp_path: Path,
+) -> None:
+    """A refused connection is reported as such, without a traceback."""
+    result = _adpa(
+        tmp_path,
+        "jobs",
+        "list",
+        ADPA_DATABASE_URL="postgresql+psycopg://postgres@127.0.0.1:1/none",
+    )
+
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("adpa: error: database: connection failed")
