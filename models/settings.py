@@ -9,16 +9,33 @@ integration tests point ``ADPA_DATABASE_URL`` at PostgreSQL and
 
 from __future__ import annotations
 
+import difflib
+import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from dotenv import dotenv_values
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from models.errors import SettingsError
 
 ENV_PREFIX = "ADPA_"
+#: Variables for the test suite (database and Redis of the tests), not settings.
+TEST_PREFIX = "ADPA_TEST_"
+#: Broker URL schemes Celery's transports understand that we support.
+BROKER_SCHEMES = frozenset(
+    {"redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "filesystem", "memory"}
+)
 
 
 class LogFormat(StrEnum):
@@ -99,6 +116,30 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
 
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if value:
+            try:
+                make_url(value)
+            except ArgumentError:
+                raise ValueError(
+                    "not a database URL; expected e.g. "
+                    "postgresql+psycopg://user:password@host:5432/adpa"
+                ) from None
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0] if "://" in value else None
+        if value and scheme not in BROKER_SCHEMES:
+            raise ValueError(
+                f"unsupported broker URL scheme {scheme or value!r}; expected one of "
+                + ", ".join(sorted(BROKER_SCHEMES))
+            )
+        return value
+
     @model_validator(mode="after")
     def _check_limits(self) -> Self:
         if self.render_timeout_s >= self.task_soft_time_limit_s:
@@ -177,17 +218,29 @@ class Settings(BaseSettings):
         return config
 
     def ensure_data_dirs(self) -> None:
-        """Create the folders the embedded default and local storage write to."""
-        self.storage_root.mkdir(parents=True, exist_ok=True)
-        if not self.database_url or self.uses_embedded_broker:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+        """Create the data folder (and the embedded broker's folders) if missing."""
+        folders = [self.data_dir]
         if self.uses_embedded_broker:
-            (self.data_dir / "broker").mkdir(parents=True, exist_ok=True)
-            (self.data_dir / "broker-done").mkdir(parents=True, exist_ok=True)
+            folders += [self.data_dir / "broker", self.data_dir / "broker-done"]
+        for folder in folders:
+            _make_folder(folder, "ADPA_DATA_DIR")
+
+    def ensure_storage_root(self) -> None:
+        """Create the documents folder; only workers write there."""
+        _make_folder(self.storage_root, "ADPA_STORAGE_URL")
+
+
+def _make_folder(folder: Path, variable: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise SettingsError(variable, f"cannot create {folder}: {reason}") from None
 
 
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings, turning a validation error into one readable line."""
+    _refuse_unknown_names()
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -196,3 +249,20 @@ def load_settings(**overrides: Any) -> Settings:
         variable = ENV_PREFIX + location[0].upper() if location else None
         message = first["msg"].removeprefix("Value error, ")
         raise SettingsError(variable, message) from None
+
+
+def _refuse_unknown_names() -> None:
+    """A misspelt ADPA_ name would silently fall back to a default: refuse it."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    env_file = Path(".env")
+    names = list(os.environ)
+    if env_file.is_file():
+        names += [name for name in dotenv_values(env_file) if name]
+    for name in names:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper.startswith(TEST_PREFIX):
+            continue
+        if upper not in known:
+            close = difflib.get_close_matches(upper, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise SettingsError(name, f"no such setting{hint}")

@@ -25,9 +25,10 @@ TASK_RENDER = "adpa.render_document"
 TASK_SWEEP = "adpa.sweep"
 
 
-def _load() -> Settings:
+def _load() -> Celery:
     try:
-        return load_settings()
+        loaded = load_settings()
+        return create_app(loaded)
     except SettingsError as exc:
         print(f"adpa worker: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -36,6 +37,7 @@ def _load() -> Settings:
 def create_app(settings: Settings) -> Celery:
     """A Celery app configured from the settings."""
     settings.ensure_data_dirs()
+    settings.ensure_storage_root()
     app = Celery("adpa", include=["worker.tasks"])
     app.conf.update(settings.celery_config())
     app.conf.update(
@@ -52,6 +54,10 @@ def create_app(settings: Settings) -> Celery:
         # A task in flight when the broker connection drops finishes its
         # database work; its message, if redelivered, finds the job done.
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # A process that grew past half its cap (a template came close to it)
+        # is replaced after its task, instead of carrying the memory on.
+        worker_max_memory_per_child=(settings.worker_memory_limit_mb * 1024 // 2)
+        or None,
         beat_schedule={
             "sweep": {
                 "task": TASK_SWEEP,
@@ -70,8 +76,8 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-settings = _load()
-app = create_app(settings)
+app = _load()
+settings: Settings = app.conf.adpa_settings
 
 
 @signals.setup_logging.connect

@@ -55,16 +55,74 @@ def test_embedded_default_keeps_everything_under_data_dir(tmp_path: Path) -> Non
 
 
 def test_ensure_data_dirs_creates_the_embedded_folders(tmp_path: Path) -> None:
-    """ensure_data_dirs creates the documents and broker folders of the default."""
+    """ensure_data_dirs creates the data folder and the embedded broker's folders."""
     data_dir = tmp_path / "data"
 
     load_settings(data_dir=data_dir).ensure_data_dirs()
 
-    assert {p.name for p in data_dir.iterdir()} == {
-        "documents",
-        "broker",
-        "broker-done",
-    }
+    assert {p.name for p in data_dir.iterdir()} == {"broker", "broker-done"}
+
+
+def test_the_data_folder_is_made_for_a_server_setup_too(tmp_path: Path) -> None:
+    """Beat's schedule and the demo's log live there, whatever the database."""
+    data_dir = tmp_path / "data"
+    settings = load_settings(
+        data_dir=data_dir,
+        database_url="postgresql+psycopg://u@localhost/db",
+        broker_url="redis://localhost:6379/0",
+    )
+
+    settings.ensure_data_dirs()
+
+    assert data_dir.is_dir() and list(data_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("field", "method"),
+    [("data_dir", "ensure_data_dirs"), ("storage_url", "ensure_storage_root")],
+)
+def test_a_folder_that_cannot_be_made_names_its_setting(
+    tmp_path: Path, field: str, method: str
+) -> None:
+    """A path under a file cannot become a folder: the error names the variable."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    settings = load_settings(**{field: str(blocker / "sub")})
+
+    with pytest.raises(SettingsError) as caught:
+        getattr(settings, method)()
+
+    assert str(caught.value).startswith(f"invalid setting ADPA_{field.upper()}: ")
+    assert "cannot create" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("ADPA_DATABASE_URL", "nonsense", "not a database URL"),
+        ("ADPA_BROKER_URL", "nonsense://x", "unsupported broker URL scheme"),
+        ("ADPA_DATABSE_URL", "sqlite://", "did you mean ADPA_DATABASE_URL?"),
+    ],
+)
+def test_bad_urls_and_misspelt_names_are_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
+) -> None:
+    """A URL that cannot work, or a name that is no setting, stops at start."""
+    monkeypatch.setenv(variable, value)
+
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+
+    assert str(caught.value).startswith(f"invalid setting {variable}: ")
+    assert expected in str(caught.value)
+
+
+def test_a_misspelt_name_in_the_env_file_is_refused(tmp_path: Path) -> None:
+    """Names in .env are checked too; other programs' variables are left alone."""
+    (tmp_path / ".env").write_text("OTHER_TOOL=1\nADPA_LOG_LEVL=DEBUG\n")
+
+    with pytest.raises(SettingsError, match="ADPA_LOG_LEVL: no such setting"):
+        load_settings()
 
 
 def test_redis_broker_sets_the_visibility_timeout(tmp_path: Path) -> None:
