@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -18,11 +19,14 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from models.errors import AuthenticationError, Conflict, NotFound
+from models.errors import AuthenticationError, Conflict, InvalidValue, NotFound
 from models.tables import ApiKey, User
 from models.types import rows_changed, utcnow
 
 KEY_SCHEME = "adpa"
+USERNAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+MIN_PASSWORD_CHARS = 8
 _hasher = PasswordHasher()
 
 
@@ -53,6 +57,14 @@ def _digest(key: str) -> str:
 def create_user(
     session: Session, username: str, email: str, password: str, *, role: str = "user"
 ) -> User:
+    if not USERNAME.fullmatch(username):
+        raise InvalidValue(
+            f"username {username!r} must be 1 to 64 letters, digits, '.', '_' or '-'"
+        )
+    if not EMAIL.fullmatch(email):
+        raise InvalidValue(f"{email!r} is not an email address")
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise InvalidValue(f"a password needs at least {MIN_PASSWORD_CHARS} characters")
     user = User(
         username=username,
         email=email,
@@ -107,7 +119,9 @@ def authenticate(session: Session, key: str) -> User:
         raise AuthenticationError("malformed API key: expected adpa_<prefix>_<secret>")
     row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
     if row is None or not hmac.compare_digest(row.key_digest, _digest(key)):
-        raise AuthenticationError(f"unknown API key {parts[1]}")
+        raise AuthenticationError(
+            f"invalid API key {parts[1]}: unknown or wrong secret"
+        )
     if row.revoked_at is not None:
         raise AuthenticationError(
             f"API key {parts[1]} was revoked at {row.revoked_at:%Y-%m-%d %H:%M} UTC"

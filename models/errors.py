@@ -123,6 +123,12 @@ class AuthenticationError(AdpaError):
     kind = "authentication"
 
 
+class InvalidValue(AdpaError):
+    """Raised when a name, address or password given for an account is unusable."""
+
+    kind = "invalid_value"
+
+
 class NotFound(AdpaError):
     """Raised when a job, user or key asked for does not exist."""
 

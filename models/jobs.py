@@ -109,16 +109,20 @@ def insert_jobs(
 
 def find_by_idempotency_keys(
     session: Session, user_id: int, keys: Sequence[str]
-) -> dict[str, int]:
-    """Jobs this user already submitted under any of these keys."""
+) -> dict[str, tuple[int, int, Any]]:
+    """This user's jobs submitted under any of these keys: id, template, input."""
     if not keys:
         return {}
     rows = session.execute(
-        select(Job.idempotency_key, Job.job_id).where(
+        select(Job.idempotency_key, Job.job_id, Job.template_id, Job.input_data).where(
             Job.user_id == user_id, Job.idempotency_key.in_(keys)
         )
     )
-    return {key: job_id for key, job_id in rows if key is not None}
+    return {
+        key: (job_id, template_id, input_data)
+        for key, job_id, template_id, input_data in rows
+        if key is not None
+    }
 
 
 def mark_enqueued(session: Session, job_ids: Sequence[int]) -> None:

@@ -65,3 +65,24 @@ def _keep(
     _logger: object, _name: str, event: structlog.types.EventDict
 ) -> structlog.types.EventDict:
     return event
+
+
+def default_to_stdlib() -> None:
+    """Send structlog events to the standard library when nobody configured it.
+
+    Used where the code runs as a library inside another program: its events
+    then follow that program's logging set-up (by default only warnings and
+    errors, on stderr) instead of structlog's default of printing to stdout.
+    """
+    if structlog.is_configured():
+        return
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.filter_by_level,
+            structlog.stdlib.render_to_log_kwargs,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )

@@ -34,9 +34,12 @@ MAX_INT_BITS = 100_000
 #: Longest a template may take to compile when it is registered.
 COMPILE_TIMEOUT_S = 5.0
 
-_WIDE_LITERAL = re.compile(r"(?<![\d.])\d{7,}")
-_PERCENT_STAR = re.compile(r"%[-+ #0]*\*")
+#: A %-conversion or a {}-field, whose width and precision are checked.
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(\*|\d*)(?:\.(\*|\d*))?")
+_BRACE_SPEC = re.compile(r"\{[^{}]*:([^{}]*)\}")
 _NESTED_FIELD = re.compile(r"\{[^{}]*\{")
+#: Width or precision in digits past which padding alone builds a huge string.
+_WIDE = re.compile(r"\d{7,}")
 _SEQUENCES = (str, list, tuple)
 #: Filters whose result can be far larger than their input.
 _BOUNDED_FILTERS = (
@@ -86,11 +89,17 @@ def check_format(template: str, values: Iterable[Any]) -> None:
     A width can be written in the format text, or passed as an argument
     through ``*`` (``%``-formatting) or a nested field (``str.format``).
     """
-    if _WIDE_LITERAL.search(template):
-        raise SandboxViolation("a format width over six digits is not allowed")
-    takes_width = _PERCENT_STAR.search(template) or _NESTED_FIELD.search(template)
+    percent = [part for spec in _PERCENT_SPEC.findall(template) for part in spec]
+    braces = _BRACE_SPEC.findall(template)
+    if any(_WIDE.search(part) for part in [*percent, *braces]):
+        raise SandboxViolation(
+            "a format width or precision over six digits is not allowed"
+        )
+    takes_width = "*" in percent or _NESTED_FIELD.search(template)
     if takes_width and any(_is_int(v) and abs(v) > MAX_VALUE_CHARS for v in values):
-        raise SandboxViolation("a format width over six digits is not allowed")
+        raise SandboxViolation(
+            "a format width or precision over six digits is not allowed"
+        )
 
 
 def _format_values(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[Any]:

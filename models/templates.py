@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from models.errors import TemplateError, TemplateNotFound
 from models.sandbox import required_variables
 from models.tables import Template, TemplateTag
+from models.types import unstorable_text
 
 #: Names the system passes to every render; a template may not claim them.
 RESERVED_NAMES = frozenset({"job", "document"})
@@ -40,6 +41,9 @@ def register_template(session: Session, spec: TemplateSpec) -> Template:
     """Check a template and insert it, or replace the one with the same name."""
     if not spec.name or len(spec.name) > 255:
         raise TemplateError("a template name must have 1 to 255 characters")
+    problem = unstorable_text(spec.content)
+    if problem:
+        raise TemplateError(f"template {spec.name!r} contains {problem}")
     variables = required_variables(spec.content)
     reserved = RESERVED_NAMES.intersection(variables)
     if reserved:

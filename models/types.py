@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -90,3 +91,22 @@ def _utc_after_sqlite(element: utc_after, compiler: SQLCompiler, **kw: Any) -> s
 def rows_changed(result: Result[Any]) -> int:
     """How many rows an UPDATE or DELETE changed."""
     return cast(CursorResult[Any], result).rowcount
+
+
+#: A JSON ``\\u0000`` escape, not a literal backslash followed by ``u0000``.
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def unstorable_text(text: str) -> str | None:
+    """What in ``text`` PostgreSQL cannot store, or None when all of it can be.
+
+    ``text`` is a string or its JSON encoding: PostgreSQL refuses NUL in text
+    and ``\\u0000`` in JSONB, and neither takes lone surrogates.
+    """
+    if "\x00" in text or _JSON_NUL.search(text):
+        return "a NUL character, which cannot be stored"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "text that is not valid Unicode"
+    return None

@@ -28,12 +28,17 @@ from sqlalchemy import select
 
 from models import accounts, jobs
 from models.db import session_scope
-from models.errors import InvalidInput, NotFound, TemplateNotFound
+from models.errors import Conflict, InvalidInput, NotFound, TemplateNotFound
+from models.logs import default_to_stdlib
 from models.settings import Settings, load_settings
 from models.tables import Job, JobStatus, Template
+from models.types import unstorable_text
 from producer.broker import create_sender, send_jobs
 
 logger = structlog.get_logger(__name__)
+
+#: Longest idempotency key, as the column allows.
+MAX_IDEMPOTENCY_KEY = 255
 
 
 @dataclass(frozen=True)
@@ -88,20 +93,24 @@ class DocumentView:
 
 
 def validate_input(input_data: Any, max_bytes: int) -> dict[str, Any]:
-    """A job input must be a JSON object within the size limit."""
+    """A job input must be a JSON object that PostgreSQL can store, within size."""
     if not isinstance(input_data, Mapping):
         raise InvalidInput(
             f"job input must be a JSON object, not {_json_kind(input_data)}"
         )
     data = dict(input_data)
     try:
-        encoded = json.dumps(data, allow_nan=False)
+        encoded = json.dumps(data, allow_nan=False, ensure_ascii=False)
+    except RecursionError:
+        raise InvalidInput("job input is nested too deeply") from None
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"job input is not valid JSON: {exc}") from exc
-    if len(encoded.encode()) > max_bytes:
-        raise InvalidInput(
-            f"job input is {len(encoded.encode())} bytes; the limit is {max_bytes}"
-        )
+    size = len(encoded.encode("utf-8", errors="surrogatepass"))
+    if size > max_bytes:
+        raise InvalidInput(f"job input is {size} bytes; the limit is {max_bytes}")
+    problem = unstorable_text(encoded)
+    if problem:
+        raise InvalidInput(f"job input contains {problem}")
     return data
 
 
@@ -134,6 +143,7 @@ class JobClient:
     """Submit and read jobs as the user an API key belongs to."""
 
     def __init__(self, api_key: str, settings: Settings | None = None) -> None:
+        default_to_stdlib()
         self.settings = settings or load_settings()
         self._api_key = api_key
         self._sender = create_sender(self.settings)
@@ -228,8 +238,19 @@ class JobClient:
             except InvalidInput as exc:
                 raise InvalidInput(f"{where}{exc}") from None
             key = request.idempotency_key
+            if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+                raise InvalidInput(
+                    f"{where}an idempotency key must have 1 to "
+                    f"{MAX_IDEMPOTENCY_KEY} characters"
+                )
             if key and key in existing:
-                known[position] = existing[key]
+                job_id, template_id, previous = existing[key]
+                if template_id != template_ids[request.template] or previous != data:
+                    raise Conflict(
+                        f"{where}idempotency key {key!r} was used for job {job_id} "
+                        "with another template or input"
+                    )
+                known[position] = job_id
                 continue
             if key and key in seen_keys:
                 raise InvalidInput(

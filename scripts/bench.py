@@ -86,7 +86,9 @@ def _prepare_database(settings: Settings) -> str:
             )
         )
         load_samples(session)
-        user = accounts.create_user(session, "bench", "bench@example.com", "bench")
+        user = accounts.create_user(
+            session, "bench", "bench@example.com", "bench-password"
+        )
         return accounts.issue_api_key(session, user).secret
 
 

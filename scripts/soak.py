@@ -319,7 +319,9 @@ def create_account(settings: Settings) -> str:
     """Register the sample templates and a user; returns the user's API key."""
     with session_scope(settings) as session:
         load_samples(session)
-        user = accounts.create_user(session, "soak", "soak@example.com", "soak-pw")
+        user = accounts.create_user(
+            session, "soak", "soak@example.com", "soak-password"
+        )
         return accounts.issue_api_key(session, user, "soak").secret
 
 

@@ -193,7 +193,7 @@ def make_account(clean_db: Settings) -> Callable[..., Account]:
         name = username or f"user{next(counter)}"
         with session_scope(clean_db) as session:
             user = accounts.create_user(
-                session, name, f"{name}@example.com", "pw-" + name
+                session, name, f"{name}@example.com", "password-" + name
             )
             issued = accounts.issue_api_key(session, user, "tests")
             return Account(user.user_id, issued.secret)

@@ -10,7 +10,13 @@ from sqlalchemy.exc import IntegrityError
 
 from models import accounts
 from models.db import session_scope
-from models.errors import AuthenticationError, InvalidInput, TemplateNotFound
+from models.errors import (
+    AuthenticationError,
+    Conflict,
+    InvalidInput,
+    TemplateError,
+    TemplateNotFound,
+)
 from models.settings import Settings
 from models.tables import Template, TemplateTag
 from models.templates import TemplateSpec, register_template
@@ -121,8 +127,8 @@ def test_keys_and_passwords_are_stored_only_as_digests(
     assert account.api_key not in digest and len(digest) == 64
     assert account.api_key.startswith(f"adpa_{prefix}_")
     assert password_hash.startswith("$argon2id$")
-    assert accounts.verify_password(password_hash, "pw-ada")
-    assert not accounts.verify_password(password_hash, "pw-bob")
+    assert accounts.verify_password(password_hash, "password-ada")
+    assert not accounts.verify_password(password_hash, "password-bob")
 
 
 def test_an_idempotency_key_returns_the_first_job(client: JobClient) -> None:
@@ -210,3 +216,53 @@ def test_deleting_a_job_removes_its_logs_and_documents_and_nothing_else(
         k=kept,
     )
     assert tuple(counts) == (1, 1, 0, 1, 1, 6)
+
+
+def test_an_idempotency_key_reused_for_other_work_is_a_conflict(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """Same key, different template or input: refused, naming the first job."""
+    data = sample_input("user-stories")
+    first = client.submit("user-stories", data, idempotency_key="k-1")
+
+    with pytest.raises(Conflict, match=f"'k-1' was used for job {first}"):
+        client.submit(
+            "user-stories", {**data, "epic": "Another"}, idempotency_key="k-1"
+        )
+    with pytest.raises(Conflict, match=f"'k-1' was used for job {first}"):
+        client.submit(
+            "risk-register", sample_input("risk-register"), idempotency_key="k-1"
+        )
+    assert _job_count(clean_db) == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "expected"),
+    [
+        ({"epic": "a\x00b"}, None, "contains a NUL character"),
+        ({"epic\x00": 1}, None, "contains a NUL character"),
+        ({"epic": "\ud800"}, None, "not valid Unicode"),
+        ({"epic": "x"}, "k" * 256, "idempotency key must have 1 to 255"),
+    ],
+    ids=["nul-in-value", "nul-in-key", "lone-surrogate", "long-key"],
+)
+def test_input_postgres_cannot_store_is_refused_before_the_insert(
+    client: JobClient,
+    clean_db: Settings,
+    data: dict[str, object],
+    key: str | None,
+    expected: str,
+) -> None:
+    """What PostgreSQL would reject is refused with a clear error, nothing inserted."""
+    with pytest.raises(InvalidInput, match=expected):
+        client.submit("user-stories", data, idempotency_key=key)
+    assert _job_count(clean_db) == 0
+
+
+def test_a_template_postgres_cannot_store_is_refused(clean_db: Settings) -> None:
+    """A NUL in a template's text is refused at registration, by name."""
+    with (
+        pytest.raises(TemplateError, match="'nul' contains a NUL character"),
+        session_scope(clean_db) as session,
+    ):
+        register_template(session, TemplateSpec("nul", "a\x00b"))

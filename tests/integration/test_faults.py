@@ -117,7 +117,9 @@ def stack(stack_settings: Settings, redis_server: RedisServer) -> Settings:
 @pytest.fixture
 def api_key(stack: Settings) -> str:
     with session_scope(stack) as session:
-        user = accounts.create_user(session, "faults", "f@example.com", "pw")
+        user = accounts.create_user(
+            session, "faults", "f@example.com", "faults-password"
+        )
         return accounts.issue_api_key(session, user).secret
 
 

@@ -13,6 +13,7 @@ from models.sandbox import (
     compile_template,
     required_variables,
 )
+from worker.rendering import render
 
 
 def _run(content: str, **data: Any) -> str:
@@ -167,3 +168,30 @@ def test_product_of_huge_integers_is_refused() -> None:
         _run("{{ a * a }}", a=2**MAX_INT_BITS)
 
     assert "bits" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{{ '%.100000000f'|format(1.5) }}",
+        "{{ '{:.9999999f}'.format(1.5) }}",
+        "{{ '%.*f' % (100000000, 1.5) }}",
+        "{{ '{:.{p}f}'.format(1.5, p=100000000) }}",
+    ],
+    ids=["percent-literal", "brace-literal", "percent-star", "brace-nested"],
+)
+def test_a_huge_format_precision_is_refused(content: str) -> None:
+    """Precision pads like width does: over six digits is refused before it runs."""
+    with pytest.raises(SandboxViolation, match="width or precision"):
+        render(content, {}, max_output_bytes=10_000, timeout_s=5)
+
+
+def test_ordinary_formats_and_numbers_in_text_still_work() -> None:
+    """Small widths and precisions, and long numbers outside a format, render."""
+    content = (
+        "Call 5551234567. {{ '%8.2f|%-3s' % (3.14159, 'a') }} {{ '{:>6}'.format(7) }}"
+    )
+
+    assert render(content, {}, max_output_bytes=10_000, timeout_s=5) == (
+        "Call 5551234567.     3.14|a        7"
+    )
