@@ -8,6 +8,7 @@ import sys
 from typing import Any, TextIO
 
 import click
+from alembic.util import CommandError as AlembicCommandError
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
@@ -40,6 +41,8 @@ def _settings(ctx: click.Context) -> Settings:
 
 
 pass_settings = click.make_pass_decorator(Settings)
+#: Job ids are PostgreSQL integers.
+JOB_ID = click.IntRange(1, 2**31 - 1)
 #: For commands that hand their extra arguments to celery.
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -198,7 +201,7 @@ def templates_add(
     tags: tuple[str, ...],
 ) -> None:
     """Register (or replace) template NAME from SOURCE (a file, or - for stdin)."""
-    spec = TemplateSpec(name, source.read(), description, category, tags)
+    spec = TemplateSpec(name, _read_text(source), description, category, tags)
     with session_scope(settings) as session:
         template = register_template(session, spec)
         variables = ", ".join(template.variables) or "none"
@@ -230,13 +233,25 @@ def _api_key(settings: Settings, given: str | None) -> str:
 
 
 def _read_input(source: TextIO) -> Any:
-    text = source.read()
+    name = getattr(source, "name", "input")
+    text = _read_text(source)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        name = getattr(source, "name", "input")
         where = f"line {exc.lineno} column {exc.colno}"
         raise InvalidInput(f"{name} is not valid JSON: {exc.msg} at {where}") from None
+    except RecursionError:
+        raise InvalidInput(f"{name} is nested too deeply") from None
+
+
+def _read_text(source: TextIO) -> str:
+    try:
+        return source.read()
+    except UnicodeDecodeError as exc:
+        name = getattr(source, "name", "input")
+        raise InvalidInput(
+            f"{name} is not UTF-8 text (byte {exc.start} cannot be decoded)"
+        ) from None
 
 
 @cli.command()
@@ -256,7 +271,7 @@ def _read_input(source: TextIO) -> Any:
 @click.option(
     "--wait",
     "wait_s",
-    type=float,
+    type=click.FloatRange(min=0),
     default=None,
     metavar="SECONDS",
     help="Wait up to SECONDS for the job to finish.",
@@ -336,7 +351,7 @@ def jobs_list(settings: Settings, status: str | None, limit: int) -> None:
 
 
 @jobs_group.command("show")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @pass_settings
 def jobs_show(settings: Settings, job_id: int) -> None:
     """Show one job: state, timestamps, documents and every log line."""
@@ -384,7 +399,7 @@ def jobs_show(settings: Settings, job_id: int) -> None:
 
 
 @jobs_group.command("cancel")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @pass_settings
 def jobs_cancel(settings: Settings, job_id: int) -> None:
     """Cancel a job: a queued one at once, a running one at its next safe point."""
@@ -397,7 +412,7 @@ def jobs_cancel(settings: Settings, job_id: int) -> None:
 
 
 @jobs_group.command("retry")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=JOB_ID)
 @pass_settings
 def jobs_retry(settings: Settings, job_id: int) -> None:
     """Put a failed or canceled job back in the queue, with its attempts reset."""
@@ -574,6 +589,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except (AdpaError, TimeoutError) as exc:
         click.echo(f"adpa: error: {exc}", err=True)
+        sys.exit(1)
+    except AlembicCommandError as exc:
+        click.echo(f"adpa: error: migrations: {exc}", err=True)
         sys.exit(1)
     except SQLAlchemyError as exc:
         cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import PROJECT_ROOT
 
 
@@ -59,3 +61,76 @@ def test_an_unreachable_database_is_one_line_naming_the_failure(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith("adpa: error: database: connection failed")
+
+
+def _migrated(tmp_path: Path) -> Path:
+    assert _adpa(tmp_path, "db", "upgrade").returncode == 0
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("db", "upgrade", "nosuch"), "adpa: error: migrations: "),
+        (("jobs", "show", "99999999999999999999"), "is not in the range"),
+        (
+            (
+                "users",
+                "create",
+                "bad name",
+                "--email",
+                "a@b.io",
+                "--password",
+                "long-enough",
+            ),
+            "username 'bad name' must be",
+        ),
+        (
+            (
+                "users",
+                "create",
+                "ann",
+                "--email",
+                "not-an-email",
+                "--password",
+                "long-enough",
+            ),
+            "'not-an-email' is not an email address",
+        ),
+        (
+            ("users", "create", "ann", "--email", "a@b.io", "--password", "short"),
+            "a password needs at least 8 characters",
+        ),
+    ],
+    ids=[
+        "unknown-revision",
+        "job-id-out-of-range",
+        "bad-username",
+        "bad-email",
+        "short-password",
+    ],
+)
+def test_bad_arguments_are_one_clear_line(
+    tmp_path: Path, args: tuple[str, ...], expected: str
+) -> None:
+    """Each mistake is named on stderr, without a traceback."""
+    result = _adpa(_migrated(tmp_path), *args)
+
+    assert result.returncode in (1, 2)
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_input_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8 are refused with the file's name and the offset."""
+    folder = _migrated(tmp_path)
+    (folder / "binary.json").write_bytes(b"\xff\xfe{}")
+
+    result = _adpa(
+        folder, "submit", "-t", "x", "-i", "binary.json", ADPA_API_KEY="adpa_00000000_x"
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "adpa: error: binary.json is not UTF-8 text (byte 0 cannot be decoded)"
+    )
