@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test test-unit lint bench soak clean
 
-$(BIN)/adpa: pyproject.toml
+$(BIN)/adpa: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,flower]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,flower]'
 	touch $@
 
 install: $(BIN)/adpa
