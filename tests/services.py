@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from pydantic import SecretStr
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
@@ -93,24 +94,12 @@ def pg_settings(services_dir: Path) -> Settings:
 def worker_environment(settings: Settings) -> dict[str, str]:
     """Environment that makes a subprocess use the same settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADPA_")}
-    for field in (
-        "database_url",
-        "broker_url",
-        "data_dir",
-        "storage_url",
-        "render_timeout_s",
-        "task_soft_time_limit_s",
-        "task_time_limit_s",
-        "retry_backoff_base_s",
-        "retry_backoff_max_s",
-        "lease_s",
-        "max_attempts",
-        "sweep_queued_after_s",
-        "sweep_unsent_after_s",
-        "sweep_interval_s",
-        "worker_memory_limit_mb",
-    ):
-        env[f"ADPA_{field.upper()}"] = str(getattr(settings, field))
+    for field in Settings.model_fields:
+        value = getattr(settings, field)
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if value is not None:
+            env[f"ADPA_{field.upper()}"] = str(value)
     env["ADPA_LOG_FORMAT"] = "json"
     env["PYTHONPATH"] = str(PROJECT_ROOT)
     return env
