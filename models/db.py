@@ -67,11 +67,15 @@ def get_engine(settings: Settings) -> Engine:
         return engine
 
 
-def dispose_engines() -> None:
-    """Close every engine of this process (tests, shutdown)."""
+def dispose_engines(*, close: bool = True) -> None:
+    """Drop every engine of this process.
+
+    ``close=False`` is for a forked child: the connections it inherited are
+    forgotten, not closed, since closing them would end the parent's sessions.
+    """
     with _lock:
         for engine in _engines.values():
-            engine.dispose()
+            engine.dispose(close=close)
         _engines.clear()
 
 

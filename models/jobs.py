@@ -295,10 +295,15 @@ def requeue_job(
     *,
     delay_s: float,
 ) -> bool:
-    """Give a running job back to the queue after a transient error."""
+    """Give a running job back to the queue after a transient error.
+
+    Returns False, having changed nothing, when the claim is stale or a cancel
+    was asked for (the caller cancels instead).
+    """
     moved = _move_claimed(
         session,
         claim,
+        Job.cancel_requested_at.is_(None),
         status=JobStatus.QUEUED.value,
         not_before=utc_after(delay_s),
         enqueued_at=utcnow(),
@@ -459,10 +464,11 @@ class SweepResult:
     resend: list[tuple[int, str]]
     #: Running jobs with an expired lease, given back to the queue.
     requeued: list[tuple[int, str]]
-    #: Running jobs with an expired lease and no attempts left, now failed.
-    failed: list[int]
+    #: Running jobs with an expired lease and no attempts left, now failed:
+    #: (job_id, the token of the claim that lost its worker).
+    failed: list[tuple[int, int]]
     #: Running jobs with an expired lease whose cancel was asked, now canceled.
-    canceled: list[int]
+    canceled: list[tuple[int, int]]
 
 
 def sweep(
@@ -575,7 +581,7 @@ def _release(
             f"{reason}; canceled as asked",
             attempt=job.attempts,
         )
-        result.canceled.append(job.job_id)
+        result.canceled.append((job.job_id, job.claims))
         return
 
     job.last_error_kind = kind
@@ -595,7 +601,7 @@ def _release(
             attempt=job.attempts,
             error_kind=kind,
         )
-        result.failed.append(job.job_id)
+        result.failed.append((job.job_id, job.claims))
     else:
         job.status = JobStatus.QUEUED.value
         job.not_before = None
@@ -617,17 +623,20 @@ def end_lost_task(
     session: Session,
     job_id: int,
     task_id: str,
+    worker: str,
     error_kind: str,
     error: str,
     *,
     requeue: bool,
-) -> str | None:
+) -> tuple[str, int] | None:
     """Settle a job whose task process died or was killed, from the worker's parent.
 
-    Only the delivery named by ``task_id`` is settled, and only while it still
-    holds the job. With ``requeue`` the job goes back to the queue while it
-    has attempts left; otherwise it fails. Returns the new status, or None
-    when there was nothing to settle.
+    Only the claim of that delivery (``task_id``) by that process (``worker``)
+    is settled, and only while it still holds the job: copies of one message
+    share a task id, and another worker may hold the job. With ``requeue``
+    the job goes back to the queue while it has attempts left; otherwise it
+    fails. Returns the new status and the claim's token, or None when there
+    was nothing to settle.
     """
     job = session.scalar(
         select(Job)
@@ -635,13 +644,15 @@ def end_lost_task(
             Job.job_id == job_id,
             Job.status == JobStatus.RUNNING.value,
             Job.task_id == task_id,
+            Job.worker == worker,
         )
         .with_for_update()
     )
     if job is None:
         return None
+    token = job.claims
     _release(
         session, job, SweepResult([], [], [], []), error, error_kind, may_retry=requeue
     )
     session.flush()
-    return job.status
+    return job.status, token

@@ -109,6 +109,8 @@ class Settings(BaseSettings):
 
     default_queue: str = Field(default="adpa.default", pattern=r"^[A-Za-z0-9_.-]+$")
     bulk_queue: str = Field(default="adpa.bulk", pattern=r"^[A-Za-z0-9_.-]+$")
+    #: The sweep's own queue, so a backlog of jobs never holds it back.
+    sweep_queue: str = Field(default="adpa.sweep", pattern=r"^[A-Za-z0-9_.-]+$")
 
     #: API key the CLI submits with, when ``--api-key`` is not given.
     api_key: SecretStr | None = None
@@ -150,15 +152,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "ADPA_TASK_SOFT_TIME_LIMIT_S must be lower than ADPA_TASK_TIME_LIMIT_S"
             )
-        if self.visibility_timeout_s <= self.task_time_limit_s:
-            raise ValueError(
-                "ADPA_VISIBILITY_TIMEOUT_S must be longer than ADPA_TASK_TIME_LIMIT_S, "
-                "or Redis hands running jobs to a second worker"
-            )
-        if self.visibility_timeout_s <= self.retry_backoff_max_s:
+        # A delayed retry stays unacknowledged for its delay, then while it runs.
+        held_s = self.retry_backoff_max_s + self.task_time_limit_s
+        if self.visibility_timeout_s <= held_s:
             raise ValueError(
                 "ADPA_VISIBILITY_TIMEOUT_S must be longer than "
-                "ADPA_RETRY_BACKOFF_MAX_S, or delayed retries are delivered twice"
+                "ADPA_RETRY_BACKOFF_MAX_S plus ADPA_TASK_TIME_LIMIT_S, or Redis "
+                "hands a delayed or running job's message to a second worker"
             )
         return self
 
@@ -184,6 +184,11 @@ class Settings(BaseSettings):
         return Path(url).resolve()
 
     @property
+    def worker_queues(self) -> list[str]:
+        """Every queue a worker consumes: jobs one by one, bulk jobs, the sweep."""
+        return [self.default_queue, self.bulk_queue, self.sweep_queue]
+
+    @property
     def uses_embedded_broker(self) -> bool:
         return self.resolved_broker_url.startswith("filesystem://")
 
@@ -198,7 +203,6 @@ class Settings(BaseSettings):
             "task_default_queue": self.default_queue,
             "task_create_missing_queues": True,
             "broker_connection_retry_on_startup": True,
-            "broker_connection_max_retries": 10,
             "enable_utc": True,
         }
         if self.uses_embedded_broker:

@@ -25,8 +25,8 @@ logger = structlog.get_logger(__name__)
 SendJobs = Callable[[Sequence[int], str], list[int]]
 #: Messages waiting in a broker queue (0 when the broker cannot say).
 QueueDepth = Callable[[str], int]
-#: Removes whatever files a job left, for jobs that ended without a document.
-DiscardFiles = Callable[[int], None]
+#: Removes the files of one claim (job id, token) that ended without a document.
+DiscardFiles = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ def run_sweep(
         with session_scope(settings) as session:
             jobs.clear_enqueued(session, unsent)
     if discard is not None:
-        for job_id in [*result.failed, *result.canceled]:
-            discard(job_id)
+        for job_id, token in [*result.failed, *result.canceled]:
+            discard(job_id, token)
 
     report = SweepReport(
         resent=len(result.resend),

@@ -147,6 +147,10 @@ class TemplateTag(Base):
     __table_args__ = (UniqueConstraint("template_id", "tag"),)
 
 
+#: The largest id a ``SERIAL`` key can hold.
+MAX_SERIAL_ID = 2**31 - 1
+
+
 class Job(Base):
     """One request to render a template with an input."""
 

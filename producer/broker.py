@@ -35,8 +35,8 @@ def celery_command(program: str, *args: str) -> list[str]:
 
 
 def worker_command(settings: Settings, concurrency: int, *args: str) -> list[str]:
-    """A prefork worker consuming both queues, as ``adpa worker`` starts it."""
-    queues = f"{settings.default_queue},{settings.bulk_queue}"
+    """A prefork worker consuming every queue, as ``adpa worker`` starts it."""
+    queues = ",".join(settings.worker_queues)
     pool = ["-P", "prefork", "-c", str(concurrency), "-Q", queues]
     return celery_command("worker", *pool, *args)
 

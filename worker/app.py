@@ -44,9 +44,12 @@ def create_app(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # Workers and beat wait out a broker outage of any length; a bounded
+        # count would end them after a couple of minutes without Redis.
+        broker_connection_max_retries=None,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=settings.task_soft_time_limit_s,
-        task_queues=[Queue(settings.default_queue), Queue(settings.bulk_queue)],
+        task_queues=[Queue(name) for name in settings.worker_queues],
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
@@ -62,7 +65,10 @@ def create_app(settings: Settings) -> Celery:
             "sweep": {
                 "task": TASK_SWEEP,
                 "schedule": settings.sweep_interval_s,
-                "options": {"expires": settings.sweep_interval_s},
+                "options": {
+                    "queue": settings.sweep_queue,
+                    "expires": settings.sweep_interval_s,
+                },
             },
         },
     )
@@ -87,8 +93,9 @@ def _setup_logging(**_kwargs: Any) -> None:
 
 @signals.worker_process_init.connect
 def _after_fork(**_kwargs: Any) -> None:
-    # Connections opened before the fork belong to the parent.
-    dispose_engines()
+    # Connections opened before the fork belong to the parent, which goes on
+    # using them (it settles jobs whose process died): forget, never close.
+    dispose_engines(close=False)
     configure_logging(settings)
     limit_memory(settings.worker_memory_limit_mb)
 

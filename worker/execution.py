@@ -11,16 +11,18 @@ import random
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import structlog
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from models import jobs
 from models.db import session_scope
 from models.errors import InternalError, PermanentError, RenderTimeout, TransientError
 from models.jobs import ClaimedJob, StoredDocument
 from models.settings import Settings
+from models.tables import MAX_SERIAL_ID
 from worker.lease import LeaseKeeper
 from worker.rendering import render
 from worker.storage import Storage, safe_file_name
@@ -55,6 +57,15 @@ class _StopRequested(Exception):
         self.state = state
 
 
+def parse_job_id(value: Any) -> int | None:
+    """A job id from a message, or None when the message cannot name a job."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 < value <= MAX_SERIAL_ID else None
+
+
 def backoff_delay(settings: Settings, attempt: int) -> float:
     """Exponential backoff with full jitter, capped."""
     ceiling = min(
@@ -64,15 +75,36 @@ def backoff_delay(settings: Settings, attempt: int) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether a database error is about reaching the server, and worth retrying.
+
+    Connection loss, a server shutting down, a lock or serialization conflict:
+    the same statement can succeed later. A statement the database refuses
+    (a value out of range, a broken constraint) fails the same way every time.
+    """
+    return isinstance(exc, DBAPIError) and (
+        exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    )
+
+
 def max_countdown_s(settings: Settings) -> float:
-    """Longest a worker may hold a message before running it."""
-    return settings.visibility_timeout_s / 2
+    """Longest a worker may hold a message before running it.
+
+    The message stays unacknowledged for the wait and then for the run; both
+    together must end well before Redis hands it to another worker.
+    """
+    return (settings.visibility_timeout_s - settings.task_time_limit_s) / 2
+
+
+def claim_folder(job_id: int, token: int) -> str:
+    """The folder of one claim's files: nothing else ever writes there."""
+    return f"{job_id}/{token}"
 
 
 def document_path(claim: ClaimedJob) -> str:
     """Where a claim's document goes; each claim has a folder of its own."""
     name = safe_file_name(claim.template_name)
-    return f"{claim.job_id}/{claim.token}/{name}-{claim.job_id}.md"
+    return f"{claim_folder(claim.job_id, claim.token)}/{name}-{claim.job_id}.md"
 
 
 def run_job(
@@ -82,10 +114,15 @@ def run_job(
     log = logger.bind(job_id=job_id, task_id=task_id)
     try:
         claim, reason, due_in_s = _claim(job_id, task_id, worker, settings)
-    except (OperationalError, DBAPIError) as exc:
+    except DBAPIError as exc:
+        error = _first_line(exc)
+        if not database_unreachable(exc):
+            # Asking again would be refused the same way, for ever.
+            log.error("message_dropped", reason="the claim was refused", error=error)
+            return Delivery(Outcome.DONE)
         # Nothing changed: the job is still queued. Ask for the message again.
         delay_s = backoff_delay(settings, 1)
-        log.warning("claim_deferred", error=str(exc).splitlines()[0], delay_s=delay_s)
+        log.warning("claim_deferred", error=error, delay_s=delay_s)
         return Delivery(Outcome.RETRY, delay_s)
     if claim is None:
         log.info("delivery_skipped", reason=reason)
@@ -114,13 +151,21 @@ def run_job(
         return _settle_stop(claim, stop.state, settings)
     except (PermanentError, SoftTimeLimitExceeded) as exc:
         _record_failure(claim, exc, settings)
-    except (TransientError, OperationalError, DBAPIError) as exc:
+    except TransientError as exc:
         return _record_transient(claim, exc, settings)
     except Exception as exc:
-        # A bug of ours must not leave the job running until its lease ends.
+        if database_unreachable(exc):
+            return _record_transient(claim, exc, settings)
+        # A bug of ours, or a statement the database refuses, would fail the
+        # same way on every attempt: it must not leave the job running.
         log.exception("job_crashed")
         _record_failure(claim, InternalError(f"{type(exc).__name__}: {exc}"), settings)
     return Delivery(Outcome.DONE)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _claim(
@@ -192,15 +237,15 @@ def _record_success(
             if not jobs.complete_job(session, claim, document):
                 raise _StopRequested("cancel")
     except BaseException:
-        _discard_unrecorded(document, settings, storage)
+        _discard_unrecorded(claim, document, settings, storage)
         raise
     logger.info("job_succeeded", duration_ms=duration_ms, file_path=document.file_path)
 
 
 def _discard_unrecorded(
-    document: StoredDocument, settings: Settings, storage: Storage
+    claim: ClaimedJob, document: StoredDocument, settings: Settings, storage: Storage
 ) -> None:
-    """Remove a written file whose row did not commit.
+    """Remove a written file whose row did not commit, with its claim's folder.
 
     When the database cannot say (the commit's answer was lost with the
     connection), the file stays: a stray file is harmless, while a row pointing
@@ -210,7 +255,7 @@ def _discard_unrecorded(
         with session_scope(settings) as session:
             recorded = jobs.document_recorded(session, document.file_path)
         if not recorded:
-            storage.remove(document.file_path)
+            storage.remove_tree(claim_folder(claim.job_id, claim.token))
     except Exception:
         logger.warning("document_left_unverified", file_path=document.file_path)
 
@@ -236,28 +281,41 @@ def _record_failure(
 def _record_transient(
     claim: ClaimedJob, exc: Exception, settings: Settings
 ) -> Delivery:
-    kind = exc.kind if isinstance(exc, TransientError) else "database_error"
-    error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if claim.attempt >= claim.max_attempts:
-        message = f"{error} (gave up after {claim.attempt} attempts)"
-        try:
-            with session_scope(settings) as session:
-                jobs.fail_job(session, claim, kind, message)
-        except (OperationalError, DBAPIError):
-            logger.warning("job_left_running", reason="database unreachable")
-            return Delivery(Outcome.DONE)
-        logger.error("job_failed", error_kind=kind, error=message)
-        return Delivery(Outcome.DONE)
+    """Give the job back for a later attempt, or fail it when attempts are spent.
 
+    A cancel asked for while the attempt ran wins over both.
+    """
+    kind = exc.kind if isinstance(exc, TransientError) else "database_error"
+    error = _first_line(exc)
+    spent = claim.attempt >= claim.max_attempts
+    message = f"{error} (gave up after {claim.attempt} attempts)" if spent else error
     delay_s = backoff_delay(settings, claim.attempt)
     try:
         with session_scope(settings) as session:
-            requeued = jobs.requeue_job(session, claim, kind, error, delay_s=delay_s)
-    except (OperationalError, DBAPIError):
+            if not spent and jobs.requeue_job(
+                session, claim, kind, error, delay_s=delay_s
+            ):
+                outcome = "requeued"
+            elif jobs.cancel_running_claim(session, claim):
+                outcome = "canceled"
+            elif spent and jobs.fail_job(session, claim, kind, message):
+                outcome = "failed"
+            else:
+                outcome = "lost"
+    except DBAPIError:
         # The job stays running; when its lease runs out the sweep gives it back.
         logger.warning("job_left_running", reason="database unreachable", error=error)
         return Delivery(Outcome.DONE)
-    if not requeued:
-        return Delivery(Outcome.DONE)
-    logger.warning("job_retry_scheduled", error_kind=kind, error=error, delay_s=delay_s)
-    return Delivery(Outcome.RETRY, delay_s)
+
+    if outcome == "requeued":
+        logger.warning(
+            "job_retry_scheduled", error_kind=kind, error=error, delay_s=delay_s
+        )
+        return Delivery(Outcome.RETRY, delay_s)
+    if outcome == "canceled":
+        logger.info("job_canceled", after=error)
+    elif outcome == "failed":
+        logger.error("job_failed", error_kind=kind, error=message)
+    else:
+        logger.warning("claim_lost", reason="the job moved on before it was retried")
+    return Delivery(Outcome.DONE)

@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 from billiard.einfo import ExceptionInfo
 from celery import Task
-from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from celery.exceptions import WorkerLostError
 from celery.worker.request import Request
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -21,7 +21,7 @@ from models.errors import StorageError
 from models.settings import Settings
 from producer.broker import sweep_through
 from worker.app import TASK_RENDER, TASK_SWEEP, app
-from worker.execution import Outcome, run_job
+from worker.execution import Outcome, claim_folder, parse_job_id, run_job
 from worker.storage import LocalStorage
 
 logger = structlog.get_logger(__name__)
@@ -37,19 +37,19 @@ def _settings() -> Settings:
     return settings
 
 
-def parse_job_id(value: Any) -> int | None:
-    """A job id from a message, or None when the message cannot name a job."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
+def worker_name(hostname: str | None, pid: int) -> str:
+    """How a job row names the process that claimed it."""
+    return f"{hostname or 'worker'}:{pid}"
 
 
 def _settle_lost_task(
-    args: Sequence[Any], task_id: str, kind: str, error: str, *, requeue: bool
+    args: Sequence[Any],
+    task_id: str,
+    worker: str,
+    kind: str,
+    error: str,
+    *,
+    requeue: bool,
 ) -> None:
     """From the worker's main process: end or give back a job whose process died."""
     job_id = parse_job_id(args[0] if args else None)
@@ -57,30 +57,36 @@ def _settle_lost_task(
         return
     try:
         with session_scope(_settings()) as session:
-            status = jobs.end_lost_task(
-                session, job_id, task_id, kind, error, requeue=requeue
+            settled = jobs.end_lost_task(
+                session, job_id, task_id, worker, kind, error, requeue=requeue
             )
-        if status == "failed":
-            _discard_job_files(job_id)
     except SQLAlchemyError as exc:
         # The job stays running; its lease runs out and the sweep settles it.
         logger.warning("lost_task_unsettled", job_id=job_id, error=str(exc)[:200])
         return
-    if status is not None:
-        logger.warning(
-            "lost_task_settled", job_id=job_id, status=status, error_kind=kind
-        )
+    if settled is None:
+        return
+    status, token = settled
+    if status != "queued":
+        discard_claim_files(job_id, token)
+    logger.warning("lost_task_settled", job_id=job_id, status=status, error_kind=kind)
 
 
-def _discard_job_files(job_id: int) -> None:
+def discard_claim_files(job_id: int, token: int) -> None:
+    """Remove what a claim that ended without a document left in storage."""
     try:
-        _storage(str(_settings().storage_root)).remove_tree(str(job_id))
+        _storage(str(_settings().storage_root)).remove_tree(claim_folder(job_id, token))
     except StorageError as exc:
         logger.warning("job_files_left", job_id=job_id, error=str(exc))
 
 
 class JobRequest(Request):
-    """A delivery as the worker's main process sees it."""
+    """A delivery as the worker's main process sees it.
+
+    When the pool process running it dies or is killed at the hard time
+    limit, the job is settled here, before the message goes back to the
+    queue: the redelivery must find the job queued, not running.
+    """
 
     def on_failure(
         self,
@@ -88,39 +94,32 @@ class JobRequest(Request):
         send_failed_event: bool = True,
         return_ok: bool = False,
     ) -> Any:
-        # Before the message goes back to the queue: the job must be queued
-        # again when the redelivery arrives, or it would find it running.
         error = exc_info.exception
         error = getattr(error, "exc", error)  # the pool wraps it with its traceback
         if isinstance(error, WorkerLostError):
-            _settle_lost_task(
-                self.args,
-                self.id,
-                "worker_lost",
-                f"the process running the job died: {error}",
-                requeue=True,
+            self._settle(
+                "worker_lost", f"the process running the job died: {error}", True
             )
         return super().on_failure(exc_info, send_failed_event, return_ok)
 
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        if not soft:
+            self._settle(
+                "time_limit", f"killed at the hard time limit of {timeout:g}s", False
+            )
+        super().on_timeout(soft, timeout)
+
+    def _settle(self, kind: str, error: str, requeue: bool) -> None:
+        if self.worker_pid is None:
+            return  # no process took the message, so none claimed its job
+        worker = worker_name(self.hostname, int(self.worker_pid))
+        _settle_lost_task(self.args, self.id, worker, kind, error, requeue=requeue)
+
 
 class JobTask(Task):  # type: ignore[type-arg]
-    """Base of the render task: settles jobs whose process was killed."""
+    """Base of the render task: its requests settle jobs whose process died."""
 
     Request = "worker.tasks:JobRequest"
-
-    def on_failure(
-        self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any
-    ) -> None:
-        # Called in the main process when the hard time limit killed the child.
-        if isinstance(exc, TimeLimitExceeded):
-            limit = exc.args[0] if exc.args else _settings().task_time_limit_s
-            _settle_lost_task(
-                args,
-                task_id,
-                "time_limit",
-                f"killed at the hard time limit of {limit}s",
-                requeue=False,
-            )
 
 
 @app.task(name=TASK_RENDER, bind=True, base=JobTask, max_retries=None)
@@ -130,7 +129,7 @@ def render_document(self: Task[Any, Any], job_id: Any = None, *_extra: Any) -> N
     if parsed is None:
         logger.warning(
             "message_dropped",
-            reason="job id missing or not a number",
+            reason="job id missing, not a number or out of range",
             value=repr(job_id)[:100],
         )
         return
@@ -138,7 +137,7 @@ def render_document(self: Task[Any, Any], job_id: Any = None, *_extra: Any) -> N
     delivery = run_job(
         parsed,
         task_id=self.request.id or "",
-        worker=f"{self.request.hostname or 'worker'}:{os.getpid()}",
+        worker=worker_name(self.request.hostname, os.getpid()),
         settings=settings,
         storage=_storage(str(settings.storage_root)),
     )
@@ -149,5 +148,5 @@ def render_document(self: Task[Any, Any], job_id: Any = None, *_extra: Any) -> N
 @app.task(name=TASK_SWEEP, ignore_result=True)
 def sweep() -> dict[str, int]:
     """Resend lost messages and settle jobs whose worker stopped renewing."""
-    report = sweep_through(app, _settings(), _discard_job_files)
+    report = sweep_through(app, _settings(), discard_claim_files)
     return dict(report.__dict__)

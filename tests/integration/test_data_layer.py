@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -9,7 +10,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from models import accounts
-from models.db import session_scope
+from models.db import get_engine, session_scope
 from models.errors import (
     AuthenticationError,
     Conflict,
@@ -266,3 +267,30 @@ def test_a_template_postgres_cannot_store_is_refused(clean_db: Settings) -> None
         session_scope(clean_db) as session,
     ):
         register_template(session, TemplateSpec("nul", "a\x00b"))
+
+
+def test_a_new_pool_process_leaves_the_parents_connections_open(
+    pg_settings: Settings,
+) -> None:
+    """The hook a forked pool process runs must not end its parent's sessions.
+
+    The worker's main process keeps a pooled connection to settle jobs whose
+    process died; a child that closed its inherited copy would end it.
+    """
+    from worker.app import _after_fork
+
+    engine = get_engine(pg_settings)
+    with engine.connect() as connection:
+        before = connection.execute(text("SELECT pg_backend_pid()")).scalar()
+
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            _after_fork()
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+
+    with engine.connect() as connection:
+        after = connection.execute(text("SELECT pg_backend_pid()")).scalar()
+    assert after == before

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DataError
 from structlog.testing import capture_logs
 
 from models import jobs
@@ -184,3 +185,74 @@ def test_started_at_is_kept_across_attempts(
     assert job.status == "succeeded"
     assert job.started_at == first_start
     assert job.attempts == 2
+
+
+def test_a_claim_the_database_refuses_drops_the_message(clean_db: Settings) -> None:
+    """A statement refused for its values is dropped, not retried for ever."""
+    with capture_logs() as logs:
+        delivery = run_job(
+            2**31,  # past what the key column holds: the claim's UPDATE is refused
+            task_id="t",
+            worker="w",
+            settings=clean_db,
+            storage=LocalStorage(clean_db.storage_root),
+        )
+
+    assert delivery.outcome == Outcome.DONE
+    dropped = [e for e in logs if e["event"] == "message_dropped"]
+    assert dropped and "out of range" in dropped[0]["error"]
+
+
+def test_a_statement_the_database_refuses_fails_the_job_at_once(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """Only a lost connection is worth another attempt; a refused value is not."""
+    job_id = _submit_unsent(client)
+    refused = DataError("INSERT ...", {}, ValueError("value too long"))
+    storage = BrokenStorage(clean_db.storage_root, refused)
+
+    assert _run(clean_db, job_id, storage) == Outcome.DONE
+
+    job = client.get(job_id)
+    assert (job.status, job.attempts) == ("failed", 1)
+    assert job.last_error_kind == "internal_error"
+    assert "value too long" in (job.last_error or "")
+
+
+class CancelingStorage(LocalStorage):
+    """Storage whose write fails after a user asked to cancel the job."""
+
+    def __init__(self, root: Path, settings: Settings, job_id: int) -> None:
+        super().__init__(root)
+        self.settings = settings
+        self.job_id = job_id
+
+    def write(self, relative_path: str, data: bytes) -> StoredDocument:
+        with session_scope(self.settings) as session:
+            jobs.request_cancel(session, self.job_id)
+        raise StorageError("storage busy")
+
+
+@pytest.mark.parametrize("attempts_left", [True, False], ids=["retry", "last"])
+def test_a_cancel_asked_during_a_failing_attempt_cancels_the_job(
+    client: JobClient, clean_db: Settings, attempts_left: bool
+) -> None:
+    """A transient error neither requeues nor fails a job its user canceled."""
+    job_id = _submit_unsent(client)
+    if not attempts_left:
+        with session_scope(clean_db) as session:
+            session.execute(
+                text("UPDATE jobs SET max_attempts = 1 WHERE job_id = :j"),
+                {"j": job_id},
+            )
+    storage = CancelingStorage(clean_db.storage_root, clean_db, job_id)
+
+    assert _run(clean_db, job_id, storage) == Outcome.DONE
+
+    job = client.get(job_id)
+    assert job.status == "canceled"
+    assert job.finished_at is not None
+    events = [e.event for e in client.logs(job_id)]
+    assert events[-2:] == ["cancel_requested", "canceled"]
+    assert "retry_scheduled" not in events
+    assert client.documents(job_id) == []

@@ -15,7 +15,7 @@ from producer.broker import sweep_through
 from producer.client import JobClient, JobRequest
 from producer.samples import sample_input
 from tests.conftest import TEST_REDIS_URL
-from worker.execution import Outcome, run_job
+from worker.execution import Outcome, claim_folder, document_path, run_job
 from worker.storage import LocalStorage
 
 pytestmark = pytest.mark.integration
@@ -134,3 +134,42 @@ def test_a_job_due_far_ahead_is_left_to_the_sweep(
             {"j": job_id},
         )
     assert sweep_through(client._sender, clean_db).resent == 1
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["failed", "canceled"])
+def test_a_job_the_sweep_ends_loses_only_the_files_of_its_dead_claim(
+    client: JobClient, clean_db: Settings, cancel: bool
+) -> None:
+    """The sweep ends a job whose worker vanished and removes that claim's folder.
+
+    Another claim's folder of the same job is not touched: by then an operator
+    may have retried the job, and its new claim may hold a recorded document.
+    """
+    job_id = client.submit("user-stories", sample_input("user-stories"))
+    with session_scope(clean_db) as session:
+        claim = jobs.claim_job(session, job_id, worker="gone", task_id="t", lease_s=60)
+        assert claim is not None
+        session.execute(
+            text(
+                "UPDATE jobs SET lease_expires_at = now() - interval '1 minute',"
+                " max_attempts = 1, cancel_requested_at = :cancel WHERE job_id = :j"
+            ),
+            {"j": job_id, "cancel": datetime.now(UTC) if cancel else None},
+        )
+    storage = LocalStorage(clean_db.storage_root)
+    dead = storage.write(document_path(claim), b"written before the worker died")
+    later = storage.write(f"{claim_folder(job_id, claim.token + 1)}/kept.md", b"x")
+    removed: list[tuple[int, int]] = []
+
+    def discard(job: int, token: int) -> None:
+        removed.append((job, token))
+        storage.remove_tree(claim_folder(job, token))
+
+    report = sweep_through(client._sender, clean_db, discard)
+
+    assert (report.failed, report.canceled) == ((0, 1) if cancel else (1, 0))
+    assert client.get(job_id).status == ("canceled" if cancel else "failed")
+    assert removed == [(job_id, claim.token)]
+    assert not storage.exists(dead.file_path)
+    assert not (clean_db.storage_root / claim_folder(job_id, claim.token)).exists()
+    assert storage.exists(later.file_path)

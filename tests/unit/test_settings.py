@@ -252,12 +252,23 @@ def test_bad_keyword_override_names_the_variable(tmp_path: Path) -> None:
             {"ADPA_VISIBILITY_TIMEOUT_S": "300", "ADPA_RETRY_BACKOFF_MAX_S": "300"},
             ("ADPA_VISIBILITY_TIMEOUT_S", "ADPA_RETRY_BACKOFF_MAX_S"),
         ),
+        (
+            {
+                "ADPA_VISIBILITY_TIMEOUT_S": "361",
+                "ADPA_RETRY_BACKOFF_MAX_S": "300",
+                "ADPA_TASK_TIME_LIMIT_S": "61",
+                "ADPA_TASK_SOFT_TIME_LIMIT_S": "60",
+                "ADPA_RENDER_TIMEOUT_S": "30",
+            },
+            ("ADPA_VISIBILITY_TIMEOUT_S", "ADPA_RETRY_BACKOFF_MAX_S"),
+        ),
     ],
     ids=[
         "render-timeout-vs-soft-limit",
         "soft-limit-vs-hard-limit",
         "visibility-vs-hard-limit",
         "visibility-vs-backoff-max",
+        "visibility-vs-backoff-max-plus-hard-limit",
     ],
 )
 def test_inconsistent_limits_raise_settings_error_naming_both_variables(
@@ -281,11 +292,11 @@ def test_limits_just_inside_the_rules_are_accepted(tmp_path: Path) -> None:
         render_timeout_s=59.5,
         task_soft_time_limit_s=60,
         task_time_limit_s=61,
-        visibility_timeout_s=301,
+        visibility_timeout_s=362,
         retry_backoff_max_s=300,
     )
 
-    assert settings.visibility_timeout_s == 301
+    assert settings.visibility_timeout_s == 362
 
 
 # -- storage URL ------------------------------------------------------------
