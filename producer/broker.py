@@ -12,7 +12,10 @@ from typing import Any
 
 import structlog
 from celery import Celery
+from sqlalchemy.exc import SQLAlchemyError
 
+from models import jobs
+from models.db import session_scope
 from models.settings import Settings
 from models.sweep import DiscardFiles, SweepReport, run_sweep
 
@@ -74,6 +77,29 @@ def send_jobs(app: Celery, job_ids: Sequence[int], queue: str) -> list[int]:
             reason=f"{type(exc).__name__}: {exc}",
             unsent=len(job_ids) - len(sent),
         )
+    return sent
+
+
+def enqueue(
+    app: Celery, settings: Settings, job_ids: Sequence[int], queue: str
+) -> list[int]:
+    """Send committed jobs' messages and record which went out; returns those ids.
+
+    The jobs are accepted whatever happens here. A send that fails leaves them
+    to the sweep; a record that fails after the send (the database blinked)
+    only means the sweep may send a second message, which the claim ignores.
+    """
+    sent = send_jobs(app, job_ids, queue)
+    if sent:
+        try:
+            with session_scope(settings) as session:
+                jobs.mark_enqueued(session, sent)
+        except SQLAlchemyError as exc:
+            logger.warning(
+                "job_enqueue_unrecorded",
+                count=len(sent),
+                reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
     return sent
 
 

@@ -24,7 +24,7 @@ from models.templates import TemplateSpec, list_templates, register_template
 from producer.broker import (
     celery_command,
     create_sender,
-    send_jobs,
+    enqueue,
     sweep_through,
     worker_command,
 )
@@ -420,12 +420,10 @@ def jobs_retry(settings: Settings, job_id: int) -> None:
         queue = jobs.retry_job(session, job_id).queue
     sender = create_sender(settings)
     try:
-        sent = send_jobs(sender, [job_id], queue)
+        sent = enqueue(sender, settings, [job_id], queue)
     finally:
         sender.close()
     if sent:
-        with session_scope(settings) as session:
-            jobs.mark_enqueued(session, sent)
         console.print(f"job {job_id} queued again on {queue}")
     else:
         console.print(

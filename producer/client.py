@@ -33,7 +33,7 @@ from models.logs import default_to_stdlib
 from models.settings import Settings, load_settings
 from models.tables import Job, JobStatus, Template
 from models.types import unstorable_text
-from producer.broker import create_sender, send_jobs
+from producer.broker import create_sender, enqueue
 
 logger = structlog.get_logger(__name__)
 
@@ -202,10 +202,7 @@ class JobClient:
         for position, job_id in zip(positions, inserted, strict=True):
             ids[position] = job_id
 
-        sent = send_jobs(self._sender, inserted, queue)
-        if sent:
-            with session_scope(self.settings) as session:
-                jobs.mark_enqueued(session, sent)
+        sent = enqueue(self._sender, self.settings, inserted, queue)
         logger.info("jobs_submitted", count=len(inserted), sent=len(sent), queue=queue)
         if on_batch is not None:
             on_batch(len(batch))
@@ -332,9 +329,7 @@ class JobClient:
         with session_scope(self.settings) as session:
             user = accounts.authenticate(session, self._api_key)
             queue = jobs.retry_job(session, job_id, user.user_id).queue
-        if send_jobs(self._sender, [job_id], queue):
-            with session_scope(self.settings) as session:
-                jobs.mark_enqueued(session, [job_id])
+        enqueue(self._sender, self.settings, [job_id], queue)
 
     def wait(
         self, job_id: int, *, timeout_s: float = 60.0, poll_s: float = 0.25

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import pytest
 from sqlalchemy import select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
-from models import accounts
+from models import accounts, jobs
 from models.db import get_engine, session_scope
 from models.errors import (
     AuthenticationError,
@@ -294,3 +294,25 @@ def test_a_new_pool_process_leaves_the_parents_connections_open(
     with engine.connect() as connection:
         after = connection.execute(text("SELECT pg_backend_pid()")).scalar()
     assert after == before
+
+
+def test_a_submit_whose_send_cannot_be_recorded_still_returns_its_job(
+    client: JobClient, clean_db: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job is committed and sent: a failed bookkeeping write is no refusal.
+
+    A caller told "failed" would submit again and get the work done twice.
+    """
+
+    def database_gone(*_args: object, **_kwargs: object) -> None:
+        raise OperationalError("UPDATE jobs ...", {}, Exception("server closed"))
+
+    monkeypatch.setattr(jobs, "mark_enqueued", database_gone)
+
+    job_id = client.submit("user-stories", sample_input("user-stories"))
+
+    status, enqueued_at = fetch_one(
+        clean_db, "SELECT status, enqueued_at FROM jobs WHERE job_id = :j", j=job_id
+    )
+    assert (status, enqueued_at) == ("queued", None)
+    assert _job_count(clean_db) == 1
