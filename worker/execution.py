@@ -141,12 +141,14 @@ def run_job(
     )
     log.info("job_claimed")
     started = time.monotonic()
+    succeeded = False
     try:
         with LeaseKeeper(claim, settings) as lease:
             # Files of earlier attempts were never recorded: none can be kept.
             storage.remove_tree(str(claim.job_id))
             document = _render_and_store(claim, settings, storage, lease)
-            _record_success(claim, document, settings, storage, started)
+            _record_success(claim, document, settings, started)
+            succeeded = True
     except _StopRequested as stop:
         return _settle_stop(claim, stop.state, settings)
     except (PermanentError, SoftTimeLimitExceeded) as exc:
@@ -160,6 +162,10 @@ def run_job(
         # same way on every attempt: it must not leave the job running.
         log.exception("job_crashed")
         _record_failure(claim, InternalError(f"{type(exc).__name__}: {exc}"), settings)
+    finally:
+        if not succeeded:
+            # Whatever ended the attempt, a file it wrote must not outlive it.
+            _discard_unrecorded(claim, settings, storage)
     return Delivery(Outcome.DONE)
 
 
@@ -217,35 +223,27 @@ def _render_and_store(
 
 
 def _record_success(
-    claim: ClaimedJob,
-    document: StoredDocument,
-    settings: Settings,
-    storage: Storage,
-    started: float,
+    claim: ClaimedJob, document: StoredDocument, settings: Settings, started: float
 ) -> None:
     """Commit the document row, the final status and the log lines together."""
     duration_ms = round((time.monotonic() - started) * 1000)
-    try:
-        with session_scope(settings) as session:
-            jobs.add_log(
-                session,
-                claim.job_id,
-                "rendered",
-                f"{claim.template_name} rendered in {duration_ms} ms",
-                attempt=claim.attempt,
-            )
-            if not jobs.complete_job(session, claim, document):
-                raise _StopRequested("cancel")
-    except BaseException:
-        _discard_unrecorded(claim, document, settings, storage)
-        raise
+    with session_scope(settings) as session:
+        jobs.add_log(
+            session,
+            claim.job_id,
+            "rendered",
+            f"{claim.template_name} rendered in {duration_ms} ms",
+            attempt=claim.attempt,
+        )
+        if not jobs.complete_job(session, claim, document):
+            raise _StopRequested("cancel")
     logger.info("job_succeeded", duration_ms=duration_ms, file_path=document.file_path)
 
 
 def _discard_unrecorded(
-    claim: ClaimedJob, document: StoredDocument, settings: Settings, storage: Storage
+    claim: ClaimedJob, settings: Settings, storage: Storage
 ) -> None:
-    """Remove a written file whose row did not commit, with its claim's folder.
+    """Remove the claim's folder, with any file written, unless its row committed.
 
     When the database cannot say (the commit's answer was lost with the
     connection), the file stays: a stray file is harmless, while a row pointing
@@ -253,11 +251,11 @@ def _discard_unrecorded(
     """
     try:
         with session_scope(settings) as session:
-            recorded = jobs.document_recorded(session, document.file_path)
+            recorded = jobs.document_recorded(session, document_path(claim))
         if not recorded:
             storage.remove_tree(claim_folder(claim.job_id, claim.token))
     except Exception:
-        logger.warning("document_left_unverified", file_path=document.file_path)
+        logger.warning("document_left_unverified", file_path=document_path(claim))
 
 
 def _record_failure(

@@ -256,3 +256,34 @@ def test_a_cancel_asked_during_a_failing_attempt_cancels_the_job(
     assert events[-2:] == ["cancel_requested", "canceled"]
     assert "retry_scheduled" not in events
     assert client.documents(job_id) == []
+
+
+class WrittenThenBroken(LocalStorage):
+    """Storage that puts the file in place, then fails (say, syncing its folder)."""
+
+    def write(self, relative_path: str, data: bytes) -> StoredDocument:
+        super().write(relative_path, data)
+        raise StorageError(f"cannot write {relative_path}: Input/output error")
+
+
+def test_a_failed_attempt_leaves_no_file_behind_even_after_a_late_write_error(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """The file an attempt wrote goes with the attempt, retried or failed."""
+    job_id = _submit_unsent(client)
+    with session_scope(clean_db) as session:
+        session.execute(
+            text("UPDATE jobs SET max_attempts = 2 WHERE job_id = :j"), {"j": job_id}
+        )
+    storage = WrittenThenBroken(clean_db.storage_root)
+
+    assert _run(clean_db, job_id, storage) == Outcome.RETRY
+    assert list((clean_db.storage_root / str(job_id)).rglob("*")) == []
+    with session_scope(clean_db) as session:
+        session.execute(
+            text("UPDATE jobs SET not_before = NULL WHERE job_id = :j"), {"j": job_id}
+        )
+    assert _run(clean_db, job_id, storage) == Outcome.DONE
+
+    assert client.get(job_id).status == "failed"
+    assert list((clean_db.storage_root / str(job_id)).rglob("*")) == []
