@@ -14,6 +14,7 @@ import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -36,6 +37,8 @@ TEST_PREFIX = "ADPA_TEST_"
 BROKER_SCHEMES = frozenset(
     {"redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "filesystem", "memory"}
 )
+#: Databases the code runs on, as (dialect, driver).
+DATABASE_DRIVERS = frozenset({("postgresql", "psycopg"), ("sqlite", "pysqlite")})
 
 
 class LogFormat(StrEnum):
@@ -56,6 +59,8 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         frozen=True,
+        # An infinite timeout or a NaN limit is never meant; refuse it.
+        allow_inf_nan=False,
     )
 
     #: Folder for the embedded default: SQLite file, broker folders, documents.
@@ -121,14 +126,18 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        if value:
-            try:
-                make_url(value)
-            except ArgumentError:
-                raise ValueError(
-                    "not a database URL; expected e.g. "
-                    "postgresql+psycopg://user:password@host:5432/adpa"
-                ) from None
+        if not value:
+            return value
+        expected = (
+            "expected postgresql+psycopg://user:password@host:5432/adpa "
+            "or sqlite:///path/to/file"
+        )
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(f"not a database URL; {expected}") from None
+        if (url.get_backend_name(), url.get_driver_name()) not in DATABASE_DRIVERS:
+            raise ValueError(f"unsupported database {url.drivername!r}; {expected}")
         return value
 
     @field_validator("broker_url")
@@ -139,6 +148,22 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"unsupported broker URL scheme {scheme or value!r}; expected one of "
                 + ", ".join(sorted(BROKER_SCHEMES))
+            )
+        if scheme in {"redis", "rediss"}:
+            database = urlsplit(value).path.strip("/")
+            if database and not (database.isascii() and database.isdigit()):
+                raise ValueError(
+                    f"Redis database {database!r} is not a number; "
+                    "expected e.g. redis://host:6379/0"
+                )
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str) -> str:
+        if "://" in value and not value.startswith("file://"):
+            raise ValueError(
+                "only file:// storage is supported; expected file:///path or a path"
             )
         return value
 
@@ -177,11 +202,7 @@ class Settings(BaseSettings):
         url = self.storage_url
         if not url:
             return (self.data_dir / "documents").resolve()
-        if url.startswith("file://"):
-            return Path(url.removeprefix("file://")).resolve()
-        if "://" in url:
-            raise SettingsError("ADPA_STORAGE_URL", "only file:// storage is supported")
-        return Path(url).resolve()
+        return Path(url.removeprefix("file://")).resolve()
 
     @property
     def worker_queues(self) -> list[str]:
@@ -244,9 +265,11 @@ def _make_folder(folder: Path, variable: str) -> None:
 
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings, turning a validation error into one readable line."""
-    _refuse_unknown_names()
     try:
+        _refuse_unknown_names()
         return Settings(**overrides)
+    except UnicodeDecodeError:
+        raise SettingsError(None, "the .env file is not valid UTF-8") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         location = [str(part) for part in first["loc"]]

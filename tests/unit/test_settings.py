@@ -207,6 +207,12 @@ def test_bad_value_in_dotenv_file_names_the_variable(tmp_path: Path) -> None:
         ("ADPA_DB_POOL_SIZE", "99", "less than or equal to 50"),
         ("ADPA_DATABASE_URL", "nonsense", "not a database URL"),
         ("ADPA_BROKER_URL", "nonsense://x", "unsupported broker URL scheme"),
+        ("ADPA_BROKER_URL", "redis://127.0.0.1:6379/abc", "'abc' is not a number"),
+        ("ADPA_DATABASE_URL", "mysql://x/y", "unsupported database 'mysql'"),
+        ("ADPA_DATABASE_URL", "postgresql+asyncpg://x/y", "unsupported database"),
+        ("ADPA_STORAGE_URL", "s3://bucket/docs", "only file:// storage"),
+        ("ADPA_RETRY_BACKOFF_BASE_S", "inf", "finite"),
+        ("ADPA_SWEEP_INTERVAL_S", "nan", "finite"),
         ("ADPA_DATABSE_URL", "sqlite://", "did you mean ADPA_DATABASE_URL?"),
     ],
 )
@@ -318,17 +324,14 @@ def test_plain_storage_path_is_resolved_from_the_working_folder(
     assert settings.storage_root == tmp_path.resolve() / "out" / "docs"
 
 
-def test_unsupported_storage_scheme_raises_settings_error_naming_it(
-    tmp_path: Path,
-) -> None:
-    """A storage URL with another scheme (s3://) raises naming ADPA_STORAGE_URL."""
-    settings = load_settings(data_dir=tmp_path, storage_url="s3://bucket/docs")
+def test_a_dotenv_file_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:
+    """A .env file with bytes that are not UTF-8 is refused, naming the file."""
+    (tmp_path / ".env").write_bytes(b"ADPA_LEASE_S=\xff\n")
 
     with pytest.raises(SettingsError) as caught:
-        _ = settings.storage_root
+        load_settings()
 
-    assert caught.value.variable == "ADPA_STORAGE_URL"
-    assert "file://" in str(caught.value)
+    assert str(caught.value) == "the .env file is not valid UTF-8"
 
 
 # -- the CLI ----------------------------------------------------------------
