@@ -21,8 +21,10 @@ JsonDocument = JSON().with_variant(JSONB(), "postgresql")
 class UTCDateTime(TypeDecorator[datetime]):
     """A ``timestamptz`` that always comes back timezone-aware, in UTC.
 
-    SQLite has no timezone type and returns naive values; they are stored in
-    UTC, so they are marked as such on the way out.
+    PostgreSQL answers in the session's time zone, which the server's or the
+    client's configuration may set to anything; the value is converted. SQLite
+    has no timezone type and returns naive values; they are stored in UTC, so
+    they are marked as such on the way out.
     """
 
     impl = DateTime(timezone=True)
@@ -42,9 +44,11 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_result_value(
         self, value: datetime | None, dialect: Dialect
     ) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
-        return value
+        return value.astimezone(UTC)
 
 
 class utcnow(FunctionElement[datetime]):  # noqa: N801 - reads as a SQL function

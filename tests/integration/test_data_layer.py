@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select, text
@@ -316,3 +317,26 @@ def test_a_submit_whose_send_cannot_be_recorded_still_returns_its_job(
     )
     assert (status, enqueued_at) == ("queued", None)
     assert _job_count(clean_db) == 1
+
+
+def test_times_read_back_in_utc_whatever_the_session_time_zone(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """A server or client set to another zone changes neither instant nor zone."""
+    job_id = client.submit("user-stories", sample_input("user-stories"))
+    tokyo = clean_db.model_copy(
+        update={
+            "database_url": clean_db.database_url
+            + "?options=-c%20timezone%3DAsia/Tokyo"
+        }
+    )
+    with session_scope(tokyo) as session:
+        zone = session.execute(text("SHOW timezone")).scalar_one()
+        job = jobs.get_job(session, job_id)
+        assert job is not None
+        created_in_tokyo = job.created_at
+
+    assert zone == "Asia/Tokyo"
+    assert created_in_tokyo.utcoffset() == timedelta(0)
+    assert created_in_tokyo == client.get(job_id).created_at
+    assert created_in_tokyo.isoformat() == client.get(job_id).created_at.isoformat()
