@@ -23,6 +23,7 @@ from typing import Any
 
 import jinja2
 from jinja2 import meta
+from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
 from models.errors import RenderTimeout, SandboxViolation, TemplateError
@@ -136,6 +137,8 @@ class BoundedSandbox(SandboxedEnvironment):
         )
         for name in _BOUNDED_FILTERS:
             self.filters[name] = _bounded_filter(name, self.filters[name])
+        for name, function in self.filters.items():
+            self.filters[name] = _at_render_time(function)
 
     def call_binop(
         self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
@@ -218,6 +221,31 @@ def _bounded_filter(name: str, original: Callable[..., Any]) -> Callable[..., An
     return checked
 
 
+def _at_render_time(function: Callable[..., Any]) -> Callable[..., Any]:
+    """The same filter, run only while rendering, never while compiling.
+
+    Jinja2 calls a filter on constant arguments at compile time to fold its
+    result into the code, outside any render limit: a short template of big
+    constant expressions could take minutes and gigabytes to register. It
+    never does so for a filter that takes the render context, so every filter
+    is given one.
+    """
+    pass_arg = getattr(function, "jinja_pass_arg", None)
+    kind = getattr(pass_arg, "name", None)
+    if kind == "context":
+        return function
+
+    @jinja2.pass_context
+    def at_render_time(context: Context, *args: Any, **kwargs: Any) -> Any:
+        if kind == "eval_context":
+            return function(context.eval_ctx, *args, **kwargs)
+        if kind == "environment":
+            return function(context.environment, *args, **kwargs)
+        return function(*args, **kwargs)
+
+    return at_render_time
+
+
 def _check_filter(
     name: str, value: Any, params: list[Any], kwargs: dict[str, Any]
 ) -> None:
@@ -292,11 +320,7 @@ def sandbox() -> BoundedSandbox:
 
 @lru_cache(maxsize=256)
 def compile_template(content: str) -> jinja2.Template:
-    """Compile a template's source, with errors that name the line.
-
-    Jinja2 evaluates constant expressions while compiling, so callers run
-    this under :func:`deadline` too.
-    """
+    """Compile a template's source, with errors that name the line."""
     try:
         return sandbox().from_string(content)
     except jinja2.TemplateSyntaxError as exc:

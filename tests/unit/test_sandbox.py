@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jinja2
 import pytest
 
 from models.errors import SandboxViolation, TemplateError
@@ -12,12 +13,45 @@ from models.sandbox import (
     MAX_VALUE_CHARS,
     compile_template,
     required_variables,
+    sandbox,
 )
 from worker.rendering import render
 
 
 def _run(content: str, **data: Any) -> str:
     return compile_template(content).render(**data)
+
+
+# -- compiling ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "'ab'|center(9)",
+        "'a b c'|wordcount",
+        "[3, 1, 2]|sort|join(',')",
+        "'xa'|replace('x', 'yy')",
+        "{'a': 1}|dictsort",  # a filter that takes the environment
+        "'<b>'|escape",
+    ],
+)
+def test_filters_on_constants_run_when_rendering_not_when_compiling(
+    expression: str,
+) -> None:
+    """Compiling never runs a filter: render limits cannot be bypassed there.
+
+    Jinja2 folds filters of constants into the compiled code, and a template
+    of a thousand ``'a'|center(999999)|wordcount`` took 20 s to register.
+    """
+    content = "{{ " + expression + " }}"
+    source = sandbox().compile(content, raw=True)
+    plain = jinja2.Environment(autoescape=False)  # noqa: S701 - plain text, as ours
+    expected = plain.from_string(content).render()
+
+    assert "(context, " in source  # a filter call, made when rendering
+    assert repr(expected) not in source  # not its result, folded in while compiling
+    assert _run(content) == expected
 
 
 # -- required_variables -----------------------------------------------------
