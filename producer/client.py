@@ -25,13 +25,14 @@ from typing import Any, Self
 
 import structlog
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from models import accounts, jobs
 from models.db import session_scope
 from models.errors import Conflict, InvalidInput, NotFound, TemplateNotFound
 from models.logs import default_to_stdlib
 from models.settings import Settings, load_settings
-from models.tables import Job, JobStatus, Template
+from models.tables import MAX_SERIAL_ID, Job, JobStatus, Template
 from models.types import unstorable_text
 from producer.broker import create_sender, enqueue
 
@@ -111,7 +112,30 @@ def validate_input(input_data: Any, max_bytes: int) -> dict[str, Any]:
     problem = unstorable_text(encoded)
     if problem:
         raise InvalidInput(f"job input contains {problem}")
-    return data
+    # As the database will hold it: tuples become lists, keys become strings,
+    # so a repeated submission compares equal to the stored input.
+    normalized: dict[str, Any] = json.loads(encoded)
+    return normalized
+
+
+def check_job_id(job_id: Any) -> int:
+    """A job id as the caller gave it, or NotFound when no job can have it."""
+    if isinstance(job_id, bool) or not isinstance(job_id, int):
+        raise NotFound(f"no job {job_id!r}: a job id is a positive integer")
+    if not 0 < job_id <= MAX_SERIAL_ID:
+        raise NotFound(f"no job {job_id}")
+    return job_id
+
+
+def _check_text(value: Any, what: str, max_chars: int) -> str:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be text, not {type(value).__name__}")
+    if not 0 < len(value) <= max_chars:
+        raise InvalidInput(f"{what} must have 1 to {max_chars} characters")
+    problem = unstorable_text(value)
+    if problem:
+        raise InvalidInput(f"{what} contains {problem}")
+    return value
 
 
 def _json_kind(value: Any) -> str:
@@ -191,13 +215,20 @@ class JobClient:
         idempotency key was used before return the earlier job's id.
         """
         queue = queue or self.settings.bulk_queue
-        batch = list(requests)
-        with session_scope(self.settings) as session:
-            user = accounts.authenticate(session, self._api_key)
-            new_jobs, positions, known = self._prepare(
-                session, user.user_id, batch, queue
+        queues = (self.settings.default_queue, self.settings.bulk_queue)
+        if queue not in queues:
+            raise InvalidInput(
+                f"unknown queue {queue!r}; workers consume {queues[0]} and {queues[1]}"
             )
-            inserted = jobs.insert_jobs(session, user.user_id, new_jobs)
+        batch = list(requests)
+        try:
+            positions, known, inserted = self._insert(batch, queue)
+        except IntegrityError as exc:
+            if "idempotency_key" not in str(exc.orig):
+                raise
+            # Another submission with one of these keys committed first: this
+            # one now finds its job, or a conflict with other input.
+            positions, known, inserted = self._insert(batch, queue)
         ids = [known.get(i, 0) for i in range(len(batch))]
         for position, job_id in zip(positions, inserted, strict=True):
             ids[position] = job_id
@@ -208,9 +239,41 @@ class JobClient:
             on_batch(len(batch))
         return ids
 
+    def _insert(
+        self, batch: Sequence[JobRequest], queue: str
+    ) -> tuple[list[int], dict[int, int], list[int]]:
+        """Check and insert a batch in one transaction.
+
+        Returns the batch positions of the new jobs, the job ids known for
+        positions whose idempotency key was used before, and the new ids.
+        """
+        with session_scope(self.settings) as session:
+            user = accounts.authenticate(session, self._api_key)
+            new_jobs, positions, known = self._prepare(
+                session, user.user_id, batch, queue
+            )
+            inserted = jobs.insert_jobs(session, user.user_id, new_jobs)
+        return positions, known, inserted
+
     def _prepare(
         self, session: Any, user_id: int, batch: Sequence[JobRequest], queue: str
     ) -> tuple[list[jobs.NewJob], list[int], dict[int, int]]:
+        for position, request in enumerate(batch):
+            where = f"request {position + 1}: " if len(batch) > 1 else ""
+            _check_text(request.template, f"{where}the template name", 255)
+            if request.idempotency_key is not None:
+                _check_text(
+                    request.idempotency_key,
+                    f"{where}an idempotency key",
+                    MAX_IDEMPOTENCY_KEY,
+                )
+            when = request.not_before
+            if when is not None and (
+                not isinstance(when, datetime) or when.utcoffset() is None
+            ):
+                raise InvalidInput(
+                    f"{where}not_before must be a timezone-aware datetime"
+                )
         names = {request.template for request in batch}
         template_ids = dict(
             session.execute(
@@ -235,11 +298,6 @@ class JobClient:
             except InvalidInput as exc:
                 raise InvalidInput(f"{where}{exc}") from None
             key = request.idempotency_key
-            if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
-                raise InvalidInput(
-                    f"{where}an idempotency key must have 1 to "
-                    f"{MAX_IDEMPOTENCY_KEY} characters"
-                )
             if key and key in existing:
                 job_id, template_id, previous = existing[key]
                 if template_id != template_ids[request.template] or previous != data:
@@ -269,6 +327,7 @@ class JobClient:
         return new_jobs, positions, known
 
     def _own_job(self, session: Any, job_id: int) -> tuple[Job, str]:
+        check_job_id(job_id)
         user = accounts.authenticate(session, self._api_key)
         row = session.execute(
             select(Job, Template.name)
@@ -318,6 +377,7 @@ class JobClient:
         Returns the status after the call: ``canceled``, or ``running`` while
         the worker finishes its current step.
         """
+        check_job_id(job_id)
         with session_scope(self.settings) as session:
             user = accounts.authenticate(session, self._api_key)
             status = jobs.request_cancel(session, job_id, user.user_id)
@@ -326,6 +386,7 @@ class JobClient:
 
     def retry(self, job_id: int) -> None:
         """Put a failed or canceled job back in the queue, attempts reset."""
+        check_job_id(job_id)
         with session_scope(self.settings) as session:
             user = accounts.authenticate(session, self._api_key)
             queue = jobs.retry_job(session, job_id, user.user_id).queue

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
-from datetime import timedelta
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -16,6 +19,7 @@ from models.errors import (
     AuthenticationError,
     Conflict,
     InvalidInput,
+    NotFound,
     TemplateError,
     TemplateNotFound,
 )
@@ -340,3 +344,88 @@ def test_times_read_back_in_utc_whatever_the_session_time_zone(
     assert created_in_tokyo.utcoffset() == timedelta(0)
     assert created_in_tokyo == client.get(job_id).created_at
     assert created_in_tokyo.isoformat() == client.get(job_id).created_at.isoformat()
+
+
+def test_racing_submissions_with_one_idempotency_key_all_get_the_first_job(
+    clean_db: Settings, make_account: Callable[..., Account], samples: list[str]
+) -> None:
+    """Submissions that miss each other's insert still agree on one job."""
+    api_key = make_account().api_key
+    data = sample_input("user-stories")
+    start = threading.Barrier(8)
+
+    def submit() -> int:
+        with JobClient(api_key, clean_db) as racer:
+            start.wait()
+            return racer.submit("user-stories", data, idempotency_key="nightly-7")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ids = list(pool.map(lambda _: submit(), range(8)))
+
+    assert len(set(ids)) == 1
+    assert _job_count(clean_db) == 1
+
+
+def test_a_repeat_with_the_same_input_in_other_python_types_is_no_conflict(
+    client: JobClient,
+) -> None:
+    """Input is compared as JSON: a tuple is the list stored, a number key its text."""
+    data = {"stories": ("a", "b"), "points": {1: 3}}
+
+    first = client.submit("user-stories", data, idempotency_key="k-types")
+    again = client.submit("user-stories", data, idempotency_key="k-types")
+    as_stored = client.submit(
+        "user-stories",
+        {"stories": ["a", "b"], "points": {"1": 3}},
+        idempotency_key="k-types",
+    )
+
+    assert again == as_stored == first
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda c: c.get("1"), "a job id is a positive integer"),
+        (lambda c: c.get(10**12), "no job 1000000000000"),
+        (lambda c: c.logs(0), "no job 0"),
+        (lambda c: c.cancel(True), "a job id is a positive integer"),
+        (lambda c: c.retry(-3), "no job -3"),
+        (
+            lambda c: c.submit("user-stories", {}, not_before=datetime(2030, 1, 1)),
+            "not_before must be a timezone-aware datetime",
+        ),
+        (
+            lambda c: c.submit("user-stories", {}, idempotency_key=5),
+            "an idempotency key must be text, not int",
+        ),
+        (
+            lambda c: c.submit("user-\x00stories", {}),
+            "the template name contains a NUL character",
+        ),
+        (
+            lambda c: c.submit("user-stories", {}, queue="nobody-listens"),
+            "unknown queue 'nobody-listens'",
+        ),
+    ],
+    ids=[
+        "id-as-text",
+        "id-past-the-key",
+        "id-zero",
+        "id-bool",
+        "id-negative",
+        "naive-not-before",
+        "key-not-text",
+        "nul-in-template-name",
+        "unknown-queue",
+    ],
+)
+def test_bad_library_arguments_are_named_and_insert_nothing(
+    client: JobClient, clean_db: Settings, call: Callable[[JobClient], Any], words: str
+) -> None:
+    """Each bad argument is an error of ours naming it, never a database error."""
+    with pytest.raises((InvalidInput, NotFound)) as caught:
+        call(client)
+
+    assert words in str(caught.value)
+    assert _job_count(clean_db) == 0
