@@ -437,6 +437,8 @@ def retry_job(session: Session, job_id: int, user_id: int | None = None) -> Job:
     job.started_at = None
     job.finished_at = None
     job.not_before = None
+    # No message for this run yet: the sweep sends one if the send fails.
+    job.enqueued_at = None
     job.cancel_requested_at = None
     job.lease_expires_at = None
     job.worker = None

@@ -173,3 +173,28 @@ def test_a_job_the_sweep_ends_loses_only_the_files_of_its_dead_claim(
     assert not storage.exists(dead.file_path)
     assert not (clean_db.storage_root / claim_folder(job_id, claim.token)).exists()
     assert storage.exists(later.file_path)
+
+
+def test_a_retry_the_broker_missed_is_sent_by_the_next_sweep(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """A retried job forgets its old send, so the sweep does not wait for it."""
+    job_id = client.submit("user-stories", sample_input("user-stories"))
+    with session_scope(clean_db) as session:
+        session.execute(
+            text(
+                "UPDATE jobs SET status = 'failed', finished_at = now(),"
+                " created_at = now() - interval '1 hour' WHERE job_id = :j"
+            ),
+            {"j": job_id},
+        )
+    broker_down = clean_db.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+
+    with JobClient(client._api_key, broker_down) as offline:
+        offline.retry(job_id)
+
+    with session_scope(clean_db) as session:
+        job = jobs.get_job(session, job_id)
+        assert job is not None
+        assert (job.status, job.enqueued_at) == ("queued", None)
+    assert sweep_through(client._sender, clean_db).resent == 1
