@@ -30,7 +30,8 @@ def _load() -> Celery:
         loaded = load_settings()
         return create_app(loaded)
     except SettingsError as exc:
-        print(f"adpa worker: {exc}", file=sys.stderr)
+        # Worker, beat and Flower all load this app: name none of them.
+        print(f"adpa: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

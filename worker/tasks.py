@@ -123,14 +123,21 @@ class JobTask(Task):  # type: ignore[type-arg]
 
 
 @app.task(name=TASK_RENDER, bind=True, base=JobTask, max_retries=None)
-def render_document(self: Task[Any, Any], job_id: Any = None, *_extra: Any) -> None:
+def render_document(
+    self: Task[Any, Any], job_id: Any = None, *extra: Any, **options: Any
+) -> None:
     """Render one job's template and store its document."""
     parsed = parse_job_id(job_id)
-    if parsed is None:
+    if parsed is None or extra or options:
+        reason = (
+            "job id missing, not a number or out of range"
+            if parsed is None
+            else "arguments other than the job id"
+        )
         logger.warning(
             "message_dropped",
-            reason="job id missing, not a number or out of range",
-            value=repr(job_id)[:100],
+            reason=reason,
+            value=repr((job_id, *extra, options))[:100],
         )
         return
     settings = _settings()

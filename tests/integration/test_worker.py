@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import pytest
@@ -140,17 +141,39 @@ def test_the_same_message_twice_makes_one_document(
 def test_malformed_messages_are_dropped_and_the_worker_keeps_serving(
     client: JobClient, clean_db: Settings, celery_worker: WorkerProcess
 ) -> None:
-    """Messages with a missing, non-numeric or unknown job id are logged and dropped."""
+    """Messages that cannot name a job are logged and dropped, each exactly once."""
     sender = client._sender
-    for args in ([], ["not-a-number"], [None], [987654321], [-4]):
-        sender.send_task(TASK_RENDER, args=args, queue=clean_db.default_queue)
+    dropped_before = celery_worker.log().count('"message_dropped"')
+    malformed: list[tuple[list[object], dict[str, object]]] = [
+        ([], {}),
+        (["not-a-number"], {}),
+        ([None], {}),
+        ([-4], {}),
+        ([2**31], {}),  # past what the key column holds
+        (["\u00b2"], {}),  # a digit to str.isdigit, not a job id
+        ([1, 2], {}),
+        ([1], {"force": True}),
+    ]
+    for args, kwargs in malformed:
+        sender.send_task(
+            TASK_RENDER, args=args, kwargs=kwargs, queue=clean_db.default_queue
+        )
+    sender.send_task(TASK_RENDER, args=[987654321], queue=clean_db.default_queue)
 
     job = client.wait(client.submit("user-stories", sample_input("user-stories")))
 
     assert job.status == "succeeded"
+    deadline = time.monotonic() + 30
+    while celery_worker.log().count('"message_dropped"') < dropped_before + len(
+        malformed
+    ):
+        assert time.monotonic() < deadline, celery_worker.log()[-3000:]
+        time.sleep(0.1)
+    time.sleep(1)  # a message retried instead of dropped would log again by now
     log = celery_worker.log()
-    assert "message_dropped" in log
+    assert log.count('"message_dropped"') == dropped_before + len(malformed)
     assert "no such job" in log
+    assert "claim_deferred" not in log
 
 
 def test_storage_errors_retry_with_backoff_then_fail_clearly(
