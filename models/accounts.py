@@ -21,12 +21,15 @@ from sqlalchemy.orm import Session
 
 from models.errors import AuthenticationError, Conflict, InvalidValue, NotFound
 from models.tables import ApiKey, User
-from models.types import rows_changed, utcnow
+from models.types import rows_changed, unstorable_text, utcnow
 
 KEY_SCHEME = "adpa"
 USERNAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 MIN_PASSWORD_CHARS = 8
+#: Longest email address and key name, as the columns allow.
+MAX_EMAIL_CHARS = 255
+MAX_KEY_NAME_CHARS = 255
 _hasher = PasswordHasher()
 
 
@@ -61,8 +64,8 @@ def create_user(
         raise InvalidValue(
             f"username {username!r} must be 1 to 64 letters, digits, '.', '_' or '-'"
         )
-    if not EMAIL.fullmatch(email):
-        raise InvalidValue(f"{email!r} is not an email address")
+    if len(email) > MAX_EMAIL_CHARS or not EMAIL.fullmatch(email):
+        raise InvalidValue(f"{email[:80]!r} is not an email address")
     if len(password) < MIN_PASSWORD_CHARS:
         raise InvalidValue(f"a password needs at least {MIN_PASSWORD_CHARS} characters")
     user = User(
@@ -91,6 +94,11 @@ def get_user(session: Session, username: str) -> User:
 
 def issue_api_key(session: Session, user: User, name: str | None = None) -> IssuedKey:
     """Create a key for a user; the returned secret is never stored."""
+    if name is not None and not 0 < len(name) <= MAX_KEY_NAME_CHARS:
+        raise InvalidValue(f"a key name must have 1 to {MAX_KEY_NAME_CHARS} characters")
+    problem = unstorable_text(name or "")
+    if problem:
+        raise InvalidValue(f"the key name contains {problem}")
     prefix = secrets.token_hex(4)
     secret = f"{KEY_SCHEME}_{prefix}_{secrets.token_urlsafe(32)}"
     row = ApiKey(

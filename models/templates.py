@@ -37,13 +37,38 @@ def _normalize_tags(tags: Sequence[str]) -> list[str]:
     return sorted(cleaned)
 
 
+#: Longest name, category or tag, as the columns allow.
+MAX_LABEL_CHARS = 255
+
+
+def _check_label(value: str | None, what: str) -> None:
+    if value is None:
+        return
+    if not value.strip() or len(value) > MAX_LABEL_CHARS:
+        raise TemplateError(
+            f"{what} must have 1 to {MAX_LABEL_CHARS} characters, not all blank"
+        )
+    problem = unstorable_text(value)
+    if problem:
+        raise TemplateError(f"{what} contains {problem}")
+
+
 def register_template(session: Session, spec: TemplateSpec) -> Template:
-    """Check a template and insert it, or replace the one with the same name."""
-    if not spec.name or len(spec.name) > 255:
-        raise TemplateError("a template name must have 1 to 255 characters")
+    """Check a template and insert it, or replace the one with the same name.
+
+    A replacement takes every field from ``spec``: a description, category or
+    tags left out are cleared.
+    """
+    _check_label(spec.name, "a template name")
+    _check_label(spec.category, "a category")
+    for tag in spec.tags:
+        _check_label(tag, f"tag {tag[:40]!r}")
     problem = unstorable_text(spec.content)
     if problem:
         raise TemplateError(f"template {spec.name!r} contains {problem}")
+    problem = unstorable_text(spec.description or "")
+    if problem:
+        raise TemplateError(f"the description contains {problem}")
     variables = required_variables(spec.content)
     reserved = RESERVED_NAMES.intersection(variables)
     if reserved:

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from models import accounts, jobs
@@ -19,6 +19,7 @@ from models.errors import (
     AuthenticationError,
     Conflict,
     InvalidInput,
+    InvalidValue,
     NotFound,
     TemplateError,
     TemplateNotFound,
@@ -429,3 +430,59 @@ def test_bad_library_arguments_are_named_and_insert_nothing(
 
     assert words in str(caught.value)
     assert _job_count(clean_db) == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        (TemplateSpec(" ", "x"), "a template name must have 1 to 255 characters"),
+        (TemplateSpec("t" * 256, "x"), "a template name must have 1 to 255"),
+        (TemplateSpec("t", "x", category="c" * 256), "a category must have 1 to 255"),
+        (TemplateSpec("t", "x", tags=["ok", "g" * 256]), "must have 1 to 255"),
+        (TemplateSpec("t", "x", description="a\x00b"), "description contains a NUL"),
+        (TemplateSpec("t\x00", "x"), "a template name contains a NUL"),
+    ],
+    ids=["blank-name", "long-name", "long-category", "long-tag", "nul-desc", "nul"],
+)
+def test_template_fields_the_columns_cannot_hold_are_named(
+    clean_db: Settings, spec: TemplateSpec, words: str
+) -> None:
+    """A field too long, blank or unstorable is refused by name, not by the database."""
+    with pytest.raises(TemplateError) as caught, session_scope(clean_db) as session:
+        register_template(session, spec)
+
+    assert words in str(caught.value)
+    with session_scope(clean_db) as session:
+        assert session.scalar(select(func.count()).select_from(Template)) == 0
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (
+            lambda s: accounts.create_user(s, "ann", "a" * 250 + "@b.com", "password1"),
+            "is not an email address",
+        ),
+        (
+            lambda s: accounts.issue_api_key(
+                s, accounts.create_user(s, "bob", "b@c.de", "password1"), "n" * 256
+            ),
+            "a key name must have 1 to 255 characters",
+        ),
+        (
+            lambda s: accounts.issue_api_key(
+                s, accounts.create_user(s, "cy", "c@d.de", "password1"), "a\x00"
+            ),
+            "the key name contains a NUL",
+        ),
+    ],
+    ids=["long-email", "long-key-name", "nul-key-name"],
+)
+def test_account_fields_the_columns_cannot_hold_are_named(
+    clean_db: Settings, make: Callable[[Any], Any], words: str
+) -> None:
+    """Account fields are checked before the insert, with the field named."""
+    with pytest.raises(InvalidValue) as caught, session_scope(clean_db) as session:
+        make(session)
+
+    assert words in str(caught.value)
