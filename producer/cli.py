@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import sys
-from typing import Any, TextIO
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, BinaryIO, Concatenate, ParamSpec, TextIO, TypeVar
 
 import click
 from alembic.util import CommandError as AlembicCommandError
@@ -18,7 +21,7 @@ from models import accounts, jobs, migrate
 from models.db import session_scope
 from models.errors import AdpaError, InvalidInput, NotFound, SettingsError
 from models.logs import configure_logging
-from models.settings import Settings, load_settings
+from models.settings import ENV_PREFIX, TEST_PREFIX, Settings, load_settings
 from models.tables import Job, JobStatus, Template
 from models.templates import TemplateSpec, list_templates, register_template
 from producer.broker import (
@@ -35,14 +38,64 @@ console = Console()
 errors = Console(stderr=True)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
 def _settings(ctx: click.Context) -> Settings:
     settings: Settings = ctx.obj
     return settings
 
 
-pass_settings = click.make_pass_decorator(Settings)
+def _checked_settings(ctx: click.Context) -> Settings:
+    """The settings, once the database schema is known to be the code's."""
+    settings = _settings(ctx)
+    migrate.require_current(settings)
+    return settings
+
+
+def _settings_passer(
+    *, check_schema: bool
+) -> Callable[[Callable[Concatenate[Settings, P], R]], Callable[P, R]]:
+    def decorator(command: Callable[Concatenate[Settings, P], R]) -> Callable[P, R]:
+        def with_settings(*args: P.args, **kwargs: P.kwargs) -> R:
+            ctx = click.get_current_context()
+            settings = _checked_settings(ctx) if check_schema else _settings(ctx)
+            return ctx.invoke(command, settings, *args, **kwargs)
+
+        return functools.update_wrapper(with_settings, command)
+
+    return decorator
+
+
+#: Passes the settings to a command that reads or writes tables, after checking
+#: the schema. The check runs when the command runs, after its arguments are
+#: parsed, so --help and usage errors need no database.
+pass_settings = _settings_passer(check_schema=True)
+#: Passes the settings to a command that works without the tables.
+pass_settings_unchecked = _settings_passer(check_schema=False)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A float range that also refuses nan and the infinities.
+
+    click's range check lets nan through (it compares as in range), and an
+    infinite number of seconds is never meant.
+    """
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 #: Job ids are PostgreSQL integers.
 JOB_ID = click.IntRange(1, 2**31 - 1)
+#: Durations given on the command line.
+SECONDS = FiniteFloatRange(min=0)
 #: For commands that hand their extra arguments to celery.
 PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -60,9 +113,6 @@ def cli(ctx: click.Context) -> None:
     settings = load_settings()
     configure_logging(settings)
     ctx.obj = settings
-    # Every command but these reads or writes tables the migrations create.
-    if ctx.invoked_subcommand not in {"db", "demo", "beat", "flower", None}:
-        migrate.require_current(settings)
 
 
 # -- database -------------------------------------------------------------
@@ -75,7 +125,7 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.argument("revision", default="head")
-@pass_settings
+@pass_settings_unchecked
 def db_upgrade(settings: Settings, revision: str) -> None:
     """Apply migrations up to REVISION (default: the newest)."""
     migrate.upgrade(settings, revision)
@@ -84,7 +134,7 @@ def db_upgrade(settings: Settings, revision: str) -> None:
 
 @db.command("downgrade")
 @click.argument("revision")
-@pass_settings
+@pass_settings_unchecked
 def db_downgrade(settings: Settings, revision: str) -> None:
     """Revert migrations down to REVISION ('base' removes every table)."""
     migrate.downgrade(settings, revision)
@@ -92,7 +142,7 @@ def db_downgrade(settings: Settings, revision: str) -> None:
 
 
 @db.command("current")
-@pass_settings
+@pass_settings_unchecked
 def db_current(settings: Settings) -> None:
     """Print the database's revision."""
     console.print(migrate.current_revision(settings) or "empty (no migrations applied)")
@@ -109,13 +159,18 @@ def users() -> None:
 @users.command("create")
 @click.argument("username")
 @click.option("--email", required=True)
-@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True)
+@click.option("--password", help="Asked for when not given.")
 @click.option("--role", type=click.Choice(["user", "admin"]), default="user")
 @pass_settings
 def users_create(
-    settings: Settings, username: str, email: str, password: str, role: str
+    settings: Settings, username: str, email: str, password: str | None, role: str
 ) -> None:
     """Create a user."""
+    if password is None:
+        # Asked here, after the schema check, not while the arguments are parsed.
+        password = click.prompt(
+            "Password", hide_input=True, confirmation_prompt=True, type=str
+        )
     with session_scope(settings) as session:
         user = accounts.create_user(session, username, email, password, role=role)
         console.print(f"created user {user.username} (id {user.user_id})")
@@ -232,26 +287,75 @@ def _api_key(settings: Settings, given: str | None) -> str:
     raise click.UsageError("no API key: pass --api-key or set ADPA_API_KEY")
 
 
-def _read_input(source: TextIO) -> Any:
-    name = getattr(source, "name", "input")
-    text = _read_text(source)
+def _source_name(source: TextIO | BinaryIO) -> str:
+    return str(getattr(source, "name", "input"))
+
+
+def _read_input(source: BinaryIO | TextIO, max_bytes: int | None = None) -> Any:
+    """The JSON value in ``source``.
+
+    With ``max_bytes`` (as the CLI reads --input), nothing is read past one byte
+    over the limit, so a huge file is refused without being loaded.
+    """
+    name = _source_name(source)
     try:
-        return json.loads(text)
+        data = source.read() if max_bytes is None else source.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise InvalidInput(
+                f"{name} is larger than {max_bytes} bytes, the input limit "
+                "(ADPA_MAX_INPUT_BYTES)"
+            )
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(name, exc) from None
+    try:
+        return json.loads(
+            text,
+            parse_int=_json_integer,
+            parse_float=_json_float,
+            parse_constant=_json_constant,
+        )
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
         raise InvalidInput(f"{name} is not valid JSON: {exc.msg} at {where}") from None
+    except ValueError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InvalidInput(f"{name} is not valid JSON: {reason}") from None
     except RecursionError:
         raise InvalidInput(f"{name} is nested too deeply") from None
+
+
+def _not_utf8(name: str, exc: UnicodeDecodeError) -> InvalidInput:
+    return InvalidInput(
+        f"{name} is not UTF-8 text (byte {exc.start} cannot be decoded)"
+    )
+
+
+def _json_integer(text: str) -> int:
+    limit = sys.get_int_max_str_digits()
+    digits = len(text.lstrip("-"))
+    if limit and digits > limit:
+        raise ValueError(f"an integer has {digits} digits; at most {limit} are allowed")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        shown = text if len(text) <= 24 else f"{text[:20]}..."
+        raise ValueError(f"the number {shown} is too large")
+    return number
+
+
+def _json_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not a JSON value")
 
 
 def _read_text(source: TextIO) -> str:
     try:
         return source.read()
     except UnicodeDecodeError as exc:
-        name = getattr(source, "name", "input")
-        raise InvalidInput(
-            f"{name} is not UTF-8 text (byte {exc.start} cannot be decoded)"
-        ) from None
+        raise _not_utf8(_source_name(source), exc) from None
 
 
 @cli.command()
@@ -260,7 +364,7 @@ def _read_text(source: TextIO) -> str:
     "--input",
     "-i",
     "source",
-    type=click.File("r", encoding="utf-8"),
+    type=click.File("rb"),
     required=True,
     help="JSON object file, or - for standard input.",
 )
@@ -271,7 +375,7 @@ def _read_text(source: TextIO) -> str:
 @click.option(
     "--wait",
     "wait_s",
-    type=click.FloatRange(min=0),
+    type=SECONDS,
     default=None,
     metavar="SECONDS",
     help="Wait up to SECONDS for the job to finish.",
@@ -280,13 +384,13 @@ def _read_text(source: TextIO) -> str:
 def submit(
     settings: Settings,
     template_name: str,
-    source: TextIO,
+    source: BinaryIO,
     api_key: str | None,
     idempotency_key: str | None,
     wait_s: float | None,
 ) -> None:
     """Submit one job and print its id."""
-    input_data = _read_input(source)
+    input_data = _read_input(source, settings.max_input_bytes)
     with JobClient(_api_key(settings, api_key), settings) as client:
         job_id = client.submit(
             template_name, input_data, idempotency_key=idempotency_key
@@ -462,7 +566,7 @@ def sweep_command(settings: Settings) -> None:
 @click.pass_context
 def worker(ctx: click.Context, concurrency: int) -> None:
     """Run a Celery worker for both queues (extra arguments go to celery)."""
-    settings = _settings(ctx)
+    settings = _checked_settings(ctx)
     argv = worker_command(settings, concurrency, *ctx.args)
     os.execv(sys.executable, argv)
 
@@ -503,7 +607,7 @@ def flower(ctx: click.Context) -> None:
 @click.option(
     "--timeout",
     "timeout_s",
-    type=float,
+    type=SECONDS,
     default=600.0,
     show_default=True,
     help="Seconds to wait for every job to finish.",
@@ -515,7 +619,7 @@ def flower(ctx: click.Context) -> None:
     help="Ignore the configured database, broker and storage; use the embedded "
     "default under ADPA_DATA_DIR.",
 )
-@pass_settings
+@pass_settings_unchecked
 def demo(
     settings: Settings,
     job_count: int,
@@ -572,15 +676,67 @@ def _result(job: Job) -> str:
     return job.last_error or ""
 
 
+def _is_utf8(text: str) -> bool:
+    # Bytes that are not UTF-8 reach Python as lone surrogates, which cannot be
+    # encoded: they would fail later, in the database, the broker or a print.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _refuse_text_that_is_not_utf8(
+    args: Sequence[str], environment: Mapping[str, str]
+) -> None:
+    """Refuse, by name, an argument or ADPA_ variable that is not UTF-8.
+
+    Neither the argument nor the value is shown: it may be a password or a key.
+    """
+    for position, arg in enumerate(args, start=1):
+        if _is_utf8(arg):
+            continue
+        option, has_value, _ = arg.partition("=")
+        previous = args[position - 2] if position > 1 else ""
+        if has_value and option.startswith("--") and _is_utf8(option):
+            what = f"the value of {option}"
+        elif previous.startswith("-") and previous != "-":
+            what = f"argument {position} (after {previous})"
+        else:
+            what = f"argument {position}"
+        raise click.UsageError(f"{what} is not valid UTF-8")
+    for name, value in environment.items():
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper.startswith(TEST_PREFIX):
+            continue
+        if not _is_utf8(name):
+            shown = name.encode("utf-8", "surrogateescape").decode(
+                "utf-8", "backslashreplace"
+            )
+            raise SettingsError(shown, "the name is not valid UTF-8")
+        if not _is_utf8(value):
+            raise SettingsError(name, "the value is not valid UTF-8")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one clear line on stderr for every expected error."""
+    args = sys.argv[1:] if argv is None else argv
     try:
-        cli.main(args=argv, prog_name="adpa", standalone_mode=False)
+        _refuse_text_that_is_not_utf8(args, os.environ)
+        cli.main(args=args, prog_name="adpa", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        # A group run without a command: its help, as click shows it.
+        exc.show()
+        sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         errors.print("aborted")
         sys.exit(130)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"adpa: error: {_one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except SettingsError as exc:
         click.echo(f"adpa: {exc}", err=True)

@@ -15,11 +15,14 @@ import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_plus, urlsplit
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from models import accounts, migrate
 from models.db import session_scope
@@ -32,6 +35,48 @@ from producer.client import JobClient, JobRequest
 from producer.samples import load_samples, sample_input, sample_jobs
 
 DEMO_USER = "demo"
+#: Shown in place of a password.
+MASK = "***"
+
+
+def printable_database_url(url: str) -> str:
+    """A database URL with its password, in the address or the query, masked."""
+    try:
+        rendered = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        rendered = url
+    return _mask_url_password(rendered)
+
+
+def printable_broker_url(url: str) -> str:
+    """A broker URL (or several, separated by ;) with every password masked."""
+    return ";".join(_mask_url_password(part) for part in url.split(";"))
+
+
+def _mask_url_password(url: str) -> str:
+    # Read as urllib (and so kombu) reads it: user:password@host, ?password=.
+    # Only the password is replaced; the rest of the URL is kept as written.
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    user_info, at, host = parts.netloc.rpartition("@")
+    user, colon, _ = user_info.partition(":")
+    netloc = f"{user}{colon}{MASK if colon else ''}{at}{host}"
+    pairs = []
+    for pair in parts.query.split("&"):
+        key, equals, _ = pair.partition("=")
+        hidden = equals and _is_password(unquote_plus(key))
+        pairs.append(f"{key}={MASK}" if hidden else pair)
+    scheme = f"{parts.scheme}:" if parts.scheme else ""
+    authority = f"//{netloc}" if url.startswith(f"{scheme}//") else ""
+    query = f"?{'&'.join(pairs)}" if parts.query else ""
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{scheme}{authority}{parts.path}{query}{fragment}"
+
+
+def _is_password(key: str) -> bool:
+    return "password" in key.lower()
 
 
 @dataclass(frozen=True)
@@ -128,8 +173,8 @@ def run_demo(
 ) -> bool:
     """Run the demo; True when every good job succeeded and every bad one failed."""
     settings.ensure_data_dirs()
-    console.print(f"database: {settings.resolved_database_url}")
-    console.print(f"broker:   {settings.resolved_broker_url}")
+    console.print(f"database: {printable_database_url(settings.resolved_database_url)}")
+    console.print(f"broker:   {printable_broker_url(settings.resolved_broker_url)}")
     console.print(f"storage:  {settings.storage_root}")
     api_key = _prepare(settings)
 

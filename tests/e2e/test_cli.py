@@ -103,8 +103,26 @@ def test_adpa_submit_reads_standard_input(
         ("user-stories", "{not json", "<stdin> is not valid JSON"),
         ("user-stories", "[1, 2]", "job input must be a JSON object, not an array"),
         ("no-such", "{}", "unknown template 'no-such'"),
+        (
+            "user-stories",
+            '{"a": 1' + "0" * 5000 + "}",
+            "<stdin> is not valid JSON: an integer has 5001 digits",
+        ),
+        ("user-stories", '{"a": NaN}', "<stdin> is not valid JSON: NaN is not"),
+        (
+            "user-stories",
+            "{}" + " " * 3_000_000,
+            "<stdin> is larger than 262144 bytes, the input limit",
+        ),
     ],
-    ids=["malformed-json", "not-an-object", "unknown-template"],
+    ids=[
+        "malformed-json",
+        "not-an-object",
+        "unknown-template",
+        "huge-integer",
+        "nan",
+        "too-large",
+    ],
 )
 def test_adpa_submit_refuses_bad_input_with_one_clear_line(
     clean_db: Settings,
