@@ -144,9 +144,12 @@ class Settings(BaseSettings):
     @classmethod
     def _check_broker_url(cls, value: str) -> str:
         scheme = value.split("://", 1)[0] if "://" in value else None
+        if value and scheme is None:
+            # The value is not shown: it may hold a password.
+            raise ValueError("not a URL; expected e.g. redis://host:6379/0")
         if value and scheme not in BROKER_SCHEMES:
             raise ValueError(
-                f"unsupported broker URL scheme {scheme or value!r}; expected one of "
+                f"unsupported broker URL scheme {scheme!r}; expected one of "
                 + ", ".join(sorted(BROKER_SCHEMES))
             )
         if scheme in {"redis", "rediss"}:

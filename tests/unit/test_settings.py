@@ -207,6 +207,7 @@ def test_bad_value_in_dotenv_file_names_the_variable(tmp_path: Path) -> None:
         ("ADPA_DB_POOL_SIZE", "99", "less than or equal to 50"),
         ("ADPA_DATABASE_URL", "nonsense", "not a database URL"),
         ("ADPA_BROKER_URL", "nonsense://x", "unsupported broker URL scheme"),
+        ("ADPA_BROKER_URL", "s3cret-host:6379", "not a URL; expected e.g. redis://"),
         ("ADPA_BROKER_URL", "redis://127.0.0.1:6379/abc", "'abc' is not a number"),
         ("ADPA_DATABASE_URL", "mysql://x/y", "unsupported database 'mysql'"),
         ("ADPA_DATABASE_URL", "postgresql+asyncpg://x/y", "unsupported database"),
