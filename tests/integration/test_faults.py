@@ -51,6 +51,8 @@ SLOW_TEMPLATE = (
     "slow job {{ n }}\n"
 )
 SLOW_N = 9000
+#: A render of several seconds more than the stack's lease.
+LONG_N = 16000
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +240,36 @@ def test_kill_9_of_the_worker_running_a_job_ends_it_once_after_the_sweep(
             .all()
         )
     assert "requeued" in events and events[-1] == "succeeded"
+
+
+def test_a_job_running_past_its_lease_keeps_it_while_sweeps_run(
+    stack: Settings, api_key: str, workers: Callable[..., WorkerProcess]
+) -> None:
+    """The worker renews the lease of a long job; sweeps meanwhile leave it be."""
+    workers()
+    with JobClient(api_key, stack) as client:
+        job_id = client.submit("slow", {"n": LONG_N})
+
+    _wait_for(
+        lambda: _job(stack, job_id)["status"] == "succeeded",
+        "the job to end",
+        sweep=stack,
+    )
+
+    job = _job(stack, job_id)
+    ran_s = (job["finished_at"] - job["started_at"]).total_seconds()
+    assert ran_s > stack.lease_s, "the job must outlive its first lease"
+    assert job["attempts"] == 1
+    with session_scope(stack) as session:
+        events = (
+            session.execute(
+                text("SELECT event FROM job_logs WHERE job_id = :j"), {"j": job_id}
+            )
+            .scalars()
+            .all()
+        )
+    assert events.count("claimed") == 1
+    assert "requeued" not in events
 
 
 def test_kill_9_of_the_pool_process_requeues_the_job_at_once(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,7 +13,7 @@ from sqlalchemy import text
 from models import jobs
 from models.db import session_scope
 from models.settings import Settings
-from producer.broker import sweep_through
+from producer.broker import create_sender, sweep_through
 from producer.client import JobClient, JobRequest
 from producer.samples import sample_input
 from tests.conftest import TEST_REDIS_URL
@@ -198,3 +200,51 @@ def test_a_retry_the_broker_missed_is_sent_by_the_next_sweep(
         assert job is not None
         assert (job.status, job.enqueued_at) == ("queued", None)
     assert sweep_through(client._sender, clean_db).resent == 1
+
+
+def test_sweeps_running_at_once_share_the_work_and_do_nothing_twice(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """Four sweepers at once: each lost message resent once, each job requeued once."""
+    queued = client.submit_many(
+        [JobRequest("user-stories", sample_input("user-stories"))] * 120
+    )
+    running = client.submit_many(
+        [JobRequest("risk-register", sample_input("risk-register"))] * 40
+    )
+    with session_scope(clean_db) as session:
+        for job_id in running:
+            jobs.claim_job(session, job_id, worker="gone", task_id="t", lease_s=60)
+        session.execute(
+            text(
+                "UPDATE jobs SET lease_expires_at = now() - interval '1 minute'"
+                " WHERE status = 'running'"
+            )
+        )
+    _age_messages(clean_db)
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()  # every message is lost
+    start = threading.Barrier(4)
+
+    def sweep_once() -> tuple[int, int]:
+        sender = create_sender(clean_db)
+        try:
+            start.wait()
+            report = sweep_through(sender, clean_db)
+            return report.resent, report.requeued
+        finally:
+            sender.close()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        reports = list(pool.map(lambda _: sweep_once(), range(4)))
+
+    assert sum(resent for resent, _ in reports) == len(queued)
+    assert sum(requeued for _, requeued in reports) == len(running)
+    with session_scope(clean_db) as session:
+        per_job = session.execute(
+            text(
+                "SELECT job_id, count(*) FROM job_logs"
+                " WHERE event IN ('resent', 'requeued') GROUP BY job_id"
+            )
+        ).all()
+    assert sorted(job_id for job_id, _ in per_job) == sorted(queued + running)
+    assert {count for _, count in per_job} == {1}
