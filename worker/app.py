@@ -73,6 +73,8 @@ def create_app(settings: Settings) -> Celery:
             },
         },
     )
+    if settings.resolved_broker_url.startswith("redis://"):
+        app.conf.broker_transport = "worker.transport:Transport"
     if settings.uses_embedded_broker:
         # The filesystem transport has no broadcast: no remote control, so no
         # events for Flower either. The embedded default is for trying things.

@@ -433,8 +433,9 @@ def test_a_message_that_is_not_json_is_dropped_between_good_ones(
     redis_server: RedisServer,
     workers: Callable[..., WorkerProcess],
 ) -> None:
-    """A raw, undecodable message on the queue does not stop the worker."""
+    """Undecodable entries on the queue are dropped; the worker goes on."""
     worker = workers()
+    queue = redis.Redis.from_url(redis_server.url)
     with JobClient(api_key, stack) as client:
         first = client.submit("user-stories", sample_input("user-stories"))
         raw = {
@@ -448,9 +449,9 @@ def test_a_message_that_is_not_json_is_dropped_between_good_ones(
                 "delivery_info": {"exchange": "", "routing_key": "x"},
             },
         }
-        redis.Redis.from_url(redis_server.url).lpush(
-            stack.default_queue, json.dumps(raw)
-        )
+        queue.lpush(stack.default_queue, json.dumps(raw))
+        # Entries that are no message at all: text, and bytes that are not UTF-8.
+        queue.lpush(stack.default_queue, "garbage", b"\xff\xfe", "[1, 2]")
         second = client.submit("user-stories", sample_input("user-stories"))
         for job_id in (first, second):
             assert client.wait(job_id, timeout_s=30).status == "succeeded"
