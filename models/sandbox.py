@@ -327,6 +327,9 @@ def compile_template(content: str) -> jinja2.Template:
         raise TemplateError(
             f"syntax error on line {exc.lineno}: {exc.message}"
         ) from exc
+    except (RecursionError, SyntaxError):
+        # Python refuses the code Jinja2 writes for deep nesting.
+        raise TemplateError("template is nested too deeply") from None
 
 
 def required_variables(content: str) -> list[str]:
@@ -334,10 +337,13 @@ def required_variables(content: str) -> list[str]:
     env = sandbox()
     try:
         parsed = env.parse(content)
+        variables = sorted(meta.find_undeclared_variables(parsed))
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(
             f"syntax error on line {exc.lineno}: {exc.message}"
         ) from exc
+    except RecursionError:
+        raise TemplateError("template is nested too deeply") from None
     _refuse_unsupported_tags(parsed)
     try:
         with deadline(COMPILE_TIMEOUT_S, "compiling the template"):
@@ -346,7 +352,7 @@ def required_variables(content: str) -> list[str]:
         raise TemplateError(str(exc)) from None
     except SandboxViolation as exc:
         raise TemplateError(f"template refused: {exc}") from None
-    return sorted(meta.find_undeclared_variables(parsed))
+    return variables
 
 
 def _refuse_unsupported_tags(parsed: jinja2.nodes.Template) -> None:

@@ -39,6 +39,8 @@ def _normalize_tags(tags: Sequence[str]) -> list[str]:
 
 #: Longest name, category or tag, as the columns allow.
 MAX_LABEL_CHARS = 255
+#: Largest template source; real templates are a few kilobytes.
+MAX_TEMPLATE_CHARS = 1024 * 1024
 
 
 def _check_label(value: str | None, what: str) -> None:
@@ -60,6 +62,11 @@ def register_template(session: Session, spec: TemplateSpec) -> Template:
     tags left out are cleared.
     """
     _check_label(spec.name, "a template name")
+    if len(spec.content) > MAX_TEMPLATE_CHARS:
+        raise TemplateError(
+            f"template {spec.name!r} has {len(spec.content)} characters; "
+            f"the limit is {MAX_TEMPLATE_CHARS}"
+        )
     _check_label(spec.category, "a category")
     for tag in spec.tags:
         _check_label(tag, f"tag {tag[:40]!r}")

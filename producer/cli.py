@@ -23,7 +23,12 @@ from models.errors import AdpaError, InvalidInput, NotFound, SettingsError
 from models.logs import configure_logging
 from models.settings import ENV_PREFIX, TEST_PREFIX, Settings, load_settings
 from models.tables import Job, JobStatus, Template
-from models.templates import TemplateSpec, list_templates, register_template
+from models.templates import (
+    MAX_TEMPLATE_CHARS,
+    TemplateSpec,
+    list_templates,
+    register_template,
+)
 from producer.broker import (
     celery_command,
     create_sender,
@@ -256,7 +261,8 @@ def templates_add(
     tags: tuple[str, ...],
 ) -> None:
     """Register (or replace) template NAME from SOURCE (a file, or - for stdin)."""
-    spec = TemplateSpec(name, _read_text(source), description, category, tags)
+    content = _read_text(source, MAX_TEMPLATE_CHARS)
+    spec = TemplateSpec(name, content, description, category, tags)
     with session_scope(settings) as session:
         template = register_template(session, spec)
         variables = ", ".join(template.variables) or "none"
@@ -351,11 +357,17 @@ def _json_constant(text: str) -> Any:
     raise ValueError(f"{text} is not a JSON value")
 
 
-def _read_text(source: TextIO) -> str:
+def _read_text(source: TextIO, max_chars: int) -> str:
+    """Text from ``source``, reading no more than one character past the limit."""
     try:
-        return source.read()
+        text = source.read(max_chars + 1)
     except UnicodeDecodeError as exc:
         raise _not_utf8(_source_name(source), exc) from None
+    if len(text) > max_chars:
+        raise InvalidInput(
+            f"{_source_name(source)} is longer than {max_chars} characters"
+        )
+    return text
 
 
 @cli.command()

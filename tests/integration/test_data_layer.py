@@ -441,8 +441,17 @@ def test_bad_library_arguments_are_named_and_insert_nothing(
         (TemplateSpec("t", "x", tags=["ok", "g" * 256]), "must have 1 to 255"),
         (TemplateSpec("t", "x", description="a\x00b"), "description contains a NUL"),
         (TemplateSpec("t\x00", "x"), "a template name contains a NUL"),
+        (TemplateSpec("t", "x" * (2**20 + 1)), "the limit is 1048576"),
     ],
-    ids=["blank-name", "long-name", "long-category", "long-tag", "nul-desc", "nul"],
+    ids=[
+        "blank-name",
+        "long-name",
+        "long-category",
+        "long-tag",
+        "nul-desc",
+        "nul",
+        "huge-content",
+    ],
 )
 def test_template_fields_the_columns_cannot_hold_are_named(
     clean_db: Settings, spec: TemplateSpec, words: str

@@ -7,7 +7,7 @@ import io
 import pytest
 
 from models.errors import InvalidInput
-from producer.cli import _read_input
+from producer.cli import _read_input, _read_text
 
 LIMIT = 1024
 
@@ -107,3 +107,24 @@ def test_a_large_input_is_read_no_further_than_the_limit() -> None:
         _read_input(source, LIMIT)
 
     assert source.tell() == LIMIT + 1
+
+
+class TemplateFile(io.StringIO):
+    """A template file in memory, named as click names an opened file."""
+
+    name = "big.md.j2"
+
+    def read(self, size: int | None = -1) -> str:
+        self.largest_read = size
+        return super().read(size)
+
+
+def test_a_template_file_is_read_no_further_than_one_past_the_limit() -> None:
+    """An endless or huge template file is refused without loading all of it."""
+    source = TemplateFile("x" * 50_000)
+
+    with pytest.raises(InvalidInput) as caught:
+        _read_text(source, 1000)
+
+    assert str(caught.value) == "big.md.j2 is longer than 1000 characters"
+    assert source.largest_read == 1001

@@ -54,6 +54,26 @@ def test_filters_on_constants_run_when_rendering_not_when_compiling(
     assert _run(content) == expected
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{% if x %}" * 99 + "a" + "{% endif %}" * 99,
+        "{% if x %}" * 400 + "a" + "{% endif %}" * 400,
+        "{{ " + "(" * 100 + "x" + ")" * 100 + " }}",
+        "{{ " + "(" * 3000 + "x" + ")" * 3000 + " }}",
+    ],
+    ids=["99-ifs", "400-ifs", "100-parentheses", "3000-parentheses"],
+)
+def test_nesting_python_cannot_compile_is_refused_as_a_template_error(
+    content: str,
+) -> None:
+    """Deep nesting is refused when registered, as one clear error."""
+    with pytest.raises(TemplateError) as caught:
+        required_variables(content)
+
+    assert str(caught.value) == "template is nested too deeply"
+
+
 # -- required_variables -----------------------------------------------------
 
 
