@@ -41,6 +41,14 @@ BROKER_SCHEMES = frozenset(
 DATABASE_DRIVERS = frozenset({("postgresql", "psycopg"), ("sqlite", "pysqlite")})
 
 
+#: Upper bounds of durations and sizes: far past any sensible value, and well
+#: inside what the database's interval and timestamp arithmetic can hold.
+HOUR = 3600
+DAY = 24 * HOUR
+WEEK = 7 * DAY
+MIB = 1024 * 1024
+
+
 class LogFormat(StrEnum):
     """How log lines are written."""
 
@@ -80,37 +88,37 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(default=2, ge=0, le=50)
 
     #: A render still running after this fails its job with a clear message.
-    render_timeout_s: float = Field(default=30.0, gt=0)
+    render_timeout_s: float = Field(default=30.0, gt=0, le=HOUR)
     #: A task still running after this is interrupted and its job fails.
-    task_soft_time_limit_s: int = Field(default=60, ge=1)
+    task_soft_time_limit_s: int = Field(default=60, ge=1, le=DAY)
     #: The worker process running a task is killed after this.
-    task_time_limit_s: int = Field(default=90, ge=2)
+    task_time_limit_s: int = Field(default=90, ge=2, le=DAY)
     #: Redis hands an unacknowledged message back after this long.
-    visibility_timeout_s: int = Field(default=3600, ge=60)
+    visibility_timeout_s: int = Field(default=3600, ge=60, le=WEEK)
     #: A running job whose lease is older than this is given back by the sweep.
-    lease_s: int = Field(default=120, ge=5)
+    lease_s: int = Field(default=120, ge=5, le=DAY)
 
     #: How often beat runs the sweep.
-    sweep_interval_s: float = Field(default=30.0, gt=0)
+    sweep_interval_s: float = Field(default=30.0, gt=0, le=DAY)
     #: A queued job whose message went out this long ago is sent again.
-    sweep_queued_after_s: float = Field(default=600.0, gt=0)
+    sweep_queued_after_s: float = Field(default=600.0, gt=0, le=WEEK)
     #: A queued job never confirmed sent, this long after its insert, is sent.
-    sweep_unsent_after_s: float = Field(default=30.0, gt=0)
+    sweep_unsent_after_s: float = Field(default=30.0, gt=0, le=WEEK)
     #: Most rows one sweep handles of each kind.
-    sweep_batch: int = Field(default=1000, ge=1)
+    sweep_batch: int = Field(default=1000, ge=1, le=100_000)
 
     max_attempts: int = Field(default=5, ge=1, le=50)
-    retry_backoff_base_s: float = Field(default=2.0, gt=0)
-    retry_backoff_max_s: float = Field(default=300.0, gt=0)
+    retry_backoff_base_s: float = Field(default=2.0, gt=0, le=HOUR)
+    retry_backoff_max_s: float = Field(default=300.0, gt=0, le=DAY)
 
     #: Address space each worker pool process may use; 0 lifts the cap. A
     #: template that slips past the sandbox's checks fails with MemoryError.
-    worker_memory_limit_mb: int = Field(default=1024, ge=0)
+    worker_memory_limit_mb: int = Field(default=1024, ge=0, le=1024 * 1024)
 
     #: Largest accepted job input, as JSON text.
-    max_input_bytes: int = Field(default=256 * 1024, ge=1024)
+    max_input_bytes: int = Field(default=256 * 1024, ge=1024, le=64 * MIB)
     #: Largest document a render may produce.
-    max_output_bytes: int = Field(default=2 * 1024 * 1024, ge=1024)
+    max_output_bytes: int = Field(default=2 * MIB, ge=1024, le=1024 * MIB)
 
     default_queue: str = Field(default="adpa.default", pattern=r"^[A-Za-z0-9_.-]+$")
     bulk_queue: str = Field(default="adpa.bulk", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -152,6 +160,14 @@ class Settings(BaseSettings):
                 f"unsupported broker URL scheme {scheme!r}; expected one of "
                 + ", ".join(sorted(BROKER_SCHEMES))
             )
+        for part in value.split(";"):
+            try:
+                urlsplit(part).port  # noqa: B018 - read for its check
+            except ValueError:
+                raise ValueError(
+                    "the port is not a number from 0 to 65535; "
+                    "expected e.g. redis://host:6379/0"
+                ) from None
         if scheme in {"redis", "rediss"}:
             database = urlsplit(value).path.strip("/")
             if database and not (database.isascii() and database.isdigit()):

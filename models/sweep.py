@@ -33,10 +33,12 @@ DiscardFiles = Callable[[int, int], None]
 class SweepReport:
     """Counts of what one sweep did."""
 
+    #: Messages of waiting jobs the broker took again.
     resent: int
     requeued: int
     failed: int
     canceled: int
+    #: Messages the broker did not take (it was unreachable); sent next time.
     unsent: int
 
     @property
@@ -76,8 +78,9 @@ def run_sweep(
         for job_id, token in [*result.failed, *result.canceled]:
             discard(job_id, token)
 
+    not_sent = set(unsent)
     report = SweepReport(
-        resent=len(result.resend),
+        resent=sum(1 for job_id, _ in result.resend if job_id not in not_sent),
         requeued=len(result.requeued),
         failed=len(result.failed),
         canceled=len(result.canceled),

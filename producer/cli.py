@@ -569,6 +569,11 @@ def sweep_command(settings: Settings) -> None:
         str(report.unsent),
     )
     console.print(table)
+    if report.unsent:
+        errors.print(
+            f"the broker did not take {report.unsent} message(s); "
+            "the next sweep sends them"
+        )
 
 
 @cli.command(context_settings=PASS_THROUGH)

@@ -248,3 +248,27 @@ def test_sweeps_running_at_once_share_the_work_and_do_nothing_twice(
         ).all()
     assert sorted(job_id for job_id, _ in per_job) == sorted(queued + running)
     assert {count for _, count in per_job} == {1}
+
+
+def test_a_sweep_with_the_broker_down_counts_nothing_as_resent(
+    client: JobClient, clean_db: Settings
+) -> None:
+    """Messages the broker did not take are reported unsent, and sent next time."""
+    job_ids = client.submit_many(
+        [JobRequest("user-stories", sample_input("user-stories"))] * 3
+    )
+    _age_messages(clean_db)
+    redis.Redis.from_url(TEST_REDIS_URL).flushdb()
+    broker_down = clean_db.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    sender = create_sender(broker_down)
+    try:
+        report = sweep_through(sender, clean_db)
+    finally:
+        sender.close()
+
+    assert (report.resent, report.unsent) == (0, len(job_ids))
+    with session_scope(clean_db) as session:
+        waiting = session.execute(
+            text("SELECT count(*) FROM jobs WHERE enqueued_at IS NULL")
+        ).scalar_one()
+    assert waiting == len(job_ids)
