@@ -122,9 +122,12 @@ def revoke_api_key(session: Session, prefix: str) -> None:
 
 def authenticate(session: Session, key: str) -> User:
     """The user an API key belongs to; unknown, malformed or revoked keys fail."""
+    malformed = "malformed API key: expected adpa_<prefix>_<secret>"
+    if not isinstance(key, str) or unstorable_text(key):
+        raise AuthenticationError(malformed)
     parts = key.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_SCHEME:
-        raise AuthenticationError("malformed API key: expected adpa_<prefix>_<secret>")
+        raise AuthenticationError(malformed)
     row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
     if row is None or not hmac.compare_digest(row.key_digest, _digest(key)):
         raise AuthenticationError(

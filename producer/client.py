@@ -16,6 +16,7 @@ an id for is never lost: if the broker was down, the sweep sends it later.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -216,11 +217,23 @@ class JobClient:
         """
         queue = queue or self.settings.bulk_queue
         queues = (self.settings.default_queue, self.settings.bulk_queue)
+        try:
+            batch = list(requests)
+        except TypeError:
+            raise InvalidInput(
+                f"requests must be an iterable of JobRequest, not "
+                f"{type(requests).__name__}"
+            ) from None
+        for position, request in enumerate(batch, start=1):
+            if not isinstance(request, JobRequest):
+                raise InvalidInput(
+                    f"request {position}: expected a JobRequest, not "
+                    f"{type(request).__name__}"
+                )
         if queue not in queues:
             raise InvalidInput(
                 f"unknown queue {queue!r}; workers consume {queues[0]} and {queues[1]}"
             )
-        batch = list(requests)
         try:
             positions, known, inserted = self._insert(batch, queue)
         except IntegrityError as exc:
@@ -396,6 +409,14 @@ class JobClient:
         self, job_id: int, *, timeout_s: float = 60.0, poll_s: float = 0.25
     ) -> JobView:
         """Poll until the job is finished; raises TimeoutError after ``timeout_s``."""
+        for name, value in (("timeout_s", timeout_s), ("poll_s", poll_s)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise InvalidInput(f"{name} must be a finite number of seconds >= 0")
         deadline = time.monotonic() + timeout_s
         while True:
             view = self.get(job_id)

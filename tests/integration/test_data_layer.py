@@ -408,6 +408,14 @@ def test_a_repeat_with_the_same_input_in_other_python_types_is_no_conflict(
             lambda c: c.submit("user-stories", {}, queue="nobody-listens"),
             "unknown queue 'nobody-listens'",
         ),
+        (
+            lambda c: c.submit_many([{"template": "user-stories"}]),
+            "request 1: expected a JobRequest, not dict",
+        ),
+        (lambda c: c.submit_many(None), "an iterable of JobRequest, not NoneType"),
+        (lambda c: c.wait(1, timeout_s=float("nan")), "timeout_s must be a finite"),
+        (lambda c: c.wait(1, poll_s=-1), "poll_s must be a finite"),
+        (lambda c: c.wait(1, timeout_s="5"), "timeout_s must be a finite"),
     ],
     ids=[
         "id-as-text",
@@ -419,6 +427,11 @@ def test_a_repeat_with_the_same_input_in_other_python_types_is_no_conflict(
         "key-not-text",
         "nul-in-template-name",
         "unknown-queue",
+        "request-not-a-job-request",
+        "requests-none",
+        "wait-nan",
+        "wait-negative-poll",
+        "wait-text",
     ],
 )
 def test_bad_library_arguments_are_named_and_insert_nothing(
@@ -495,3 +508,16 @@ def test_account_fields_the_columns_cannot_hold_are_named(
         make(session)
 
     assert words in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "api_key", [None, 5, "adpa_1a2b3c4d_x\x00y", "adpa_1a2b3c4d_\udcff"]
+)
+def test_an_api_key_of_the_wrong_kind_is_malformed_not_a_crash(
+    clean_db: Settings, samples: list[str], api_key: Any
+) -> None:
+    """Keys that are not text, or hold what text cannot, fail authentication."""
+    with JobClient(api_key, clean_db) as client, pytest.raises(AuthenticationError):
+        client.submit("user-stories", sample_input("user-stories"))
+
+    assert _job_count(clean_db) == 0
