@@ -443,7 +443,8 @@ def retry_job(session: Session, job_id: int, user_id: int | None = None) -> Job:
     job.lease_expires_at = None
     job.worker = None
     job.output_data = None
-    add_log(session, job_id, "retried", f"put back in the queue after it {previous}")
+    why = "it failed" if previous == JobStatus.FAILED.value else "it was canceled"
+    add_log(session, job_id, "retried", f"put back in the queue after {why}")
     session.flush()
     return job
 

@@ -131,6 +131,11 @@ class Settings(BaseSettings):
     flower_user: str = "admin"
     flower_password: SecretStr | None = None
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -195,6 +200,12 @@ class Settings(BaseSettings):
         if self.task_soft_time_limit_s >= self.task_time_limit_s:
             raise ValueError(
                 "ADPA_TASK_SOFT_TIME_LIMIT_S must be lower than ADPA_TASK_TIME_LIMIT_S"
+            )
+        queues = [self.default_queue, self.bulk_queue, self.sweep_queue]
+        if len(set(queues)) != len(queues):
+            raise ValueError(
+                "ADPA_DEFAULT_QUEUE, ADPA_BULK_QUEUE and ADPA_SWEEP_QUEUE must be "
+                "three different queues"
             )
         # A delayed retry stays unacknowledged for its delay, then while it runs.
         held_s = self.retry_backoff_max_s + self.task_time_limit_s

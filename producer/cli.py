@@ -582,7 +582,7 @@ def sweep_command(settings: Settings) -> None:
 )
 @click.pass_context
 def worker(ctx: click.Context, concurrency: int) -> None:
-    """Run a Celery worker for both queues (extra arguments go to celery)."""
+    """Run a Celery worker for every queue (extra arguments go to celery)."""
     settings = _checked_settings(ctx)
     argv = worker_command(settings, concurrency, *ctx.args)
     os.execv(sys.executable, argv)

@@ -131,8 +131,10 @@ def check_job_id(job_id: Any) -> int:
 def _check_text(value: Any, what: str, max_chars: int) -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"{what} must be text, not {type(value).__name__}")
-    if not 0 < len(value) <= max_chars:
-        raise InvalidInput(f"{what} must have 1 to {max_chars} characters")
+    if not value.strip() or len(value) > max_chars:
+        raise InvalidInput(
+            f"{what} must have 1 to {max_chars} characters, not all blank"
+        )
     problem = unstorable_text(value)
     if problem:
         raise InvalidInput(f"{what} contains {problem}")

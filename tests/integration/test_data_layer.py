@@ -250,8 +250,9 @@ def test_an_idempotency_key_reused_for_other_work_is_a_conflict(
         ({"epic\x00": 1}, None, "contains a NUL character"),
         ({"epic": "\ud800"}, None, "not valid Unicode"),
         ({"epic": "x"}, "k" * 256, "idempotency key must have 1 to 255"),
+        ({"epic": "x"}, "   ", "not all blank"),
     ],
-    ids=["nul-in-value", "nul-in-key", "lone-surrogate", "long-key"],
+    ids=["nul-in-value", "nul-in-key", "lone-surrogate", "long-key", "blank-key"],
 )
 def test_input_postgres_cannot_store_is_refused_before_the_insert(
     client: JobClient,

@@ -237,6 +237,11 @@ def test_bad_variable_raises_settings_error_naming_it(
     assert "\n" not in str(caught.value)
 
 
+def test_log_level_is_read_in_any_case(tmp_path: Path) -> None:
+    """ADPA_LOG_LEVEL=debug means DEBUG, as a person would expect."""
+    assert load_settings(data_dir=tmp_path, log_level="debug").log_level == "DEBUG"
+
+
 def test_bad_keyword_override_names_the_variable(tmp_path: Path) -> None:
     """A bad value passed as a keyword is reported under its ADPA_ name too."""
     with pytest.raises(SettingsError) as caught:
@@ -248,6 +253,10 @@ def test_bad_keyword_override_names_the_variable(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("values", "named"),
     [
+        (
+            {"ADPA_SWEEP_QUEUE": "adpa.default"},
+            ("ADPA_DEFAULT_QUEUE", "ADPA_SWEEP_QUEUE"),
+        ),
         (
             {"ADPA_RENDER_TIMEOUT_S": "60", "ADPA_TASK_SOFT_TIME_LIMIT_S": "60"},
             ("ADPA_RENDER_TIMEOUT_S", "ADPA_TASK_SOFT_TIME_LIMIT_S"),
@@ -277,6 +286,7 @@ def test_bad_keyword_override_names_the_variable(tmp_path: Path) -> None:
     ],
     ids=[
         "render-timeout-vs-soft-limit",
+        "one-queue-for-two-roles",
         "soft-limit-vs-hard-limit",
         "visibility-vs-hard-limit",
         "visibility-vs-backoff-max",
