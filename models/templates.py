@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from models.errors import TemplateError, TemplateNotFound
 from models.sandbox import required_variables
 from models.tables import Template, TemplateTag
-from models.types import unstorable_text
+from models.types import label_problem, unstorable_text
 
 #: Names the system passes to every render; a template may not claim them.
 RESERVED_NAMES = frozenset({"job", "document"})
@@ -44,15 +44,9 @@ MAX_TEMPLATE_CHARS = 1024 * 1024
 
 
 def _check_label(value: str | None, what: str) -> None:
-    if value is None:
-        return
-    if not value.strip() or len(value) > MAX_LABEL_CHARS:
-        raise TemplateError(
-            f"{what} must have 1 to {MAX_LABEL_CHARS} characters, not all blank"
-        )
-    problem = unstorable_text(value)
+    problem = None if value is None else label_problem(value, MAX_LABEL_CHARS)
     if problem:
-        raise TemplateError(f"{what} contains {problem}")
+        raise TemplateError(f"{what} {problem}")
 
 
 def register_template(session: Session, spec: TemplateSpec) -> Template:

@@ -101,6 +101,19 @@ def rows_changed(result: Result[Any]) -> int:
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
+def label_problem(value: object, max_chars: int) -> str | None:
+    """What makes ``value`` unfit for a short text column, or None if it fits.
+
+    The answer completes a sentence that names the field: "... must be text".
+    """
+    if not isinstance(value, str):
+        return f"must be text, not {type(value).__name__}"
+    if not value.strip() or len(value) > max_chars:
+        return f"must have 1 to {max_chars} characters, not all blank"
+    problem = unstorable_text(value)
+    return f"contains {problem}" if problem else None
+
+
 def unstorable_text(text: str) -> str | None:
     """What in ``text`` PostgreSQL cannot store, or None when all of it can be.
 

@@ -34,7 +34,7 @@ from models.errors import Conflict, InvalidInput, NotFound, TemplateNotFound
 from models.logs import default_to_stdlib
 from models.settings import Settings, load_settings
 from models.tables import MAX_SERIAL_ID, Job, JobStatus, Template
-from models.types import unstorable_text
+from models.types import label_problem, unstorable_text
 from producer.broker import create_sender, enqueue
 
 logger = structlog.get_logger(__name__)
@@ -128,17 +128,10 @@ def check_job_id(job_id: Any) -> int:
     return job_id
 
 
-def _check_text(value: Any, what: str, max_chars: int) -> str:
-    if not isinstance(value, str):
-        raise InvalidInput(f"{what} must be text, not {type(value).__name__}")
-    if not value.strip() or len(value) > max_chars:
-        raise InvalidInput(
-            f"{what} must have 1 to {max_chars} characters, not all blank"
-        )
-    problem = unstorable_text(value)
+def _check_text(value: Any, what: str, max_chars: int) -> None:
+    problem = label_problem(value, max_chars)
     if problem:
-        raise InvalidInput(f"{what} contains {problem}")
-    return value
+        raise InvalidInput(f"{what} {problem}")
 
 
 def _json_kind(value: Any) -> str:
