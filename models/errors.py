@@ -7,6 +7,12 @@ permanent and fails it at once with its message.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line, or its type when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class AdpaError(Exception):
     """Root of every error this project raises on purpose."""
 

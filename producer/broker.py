@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from models import jobs
 from models.db import session_scope
+from models.errors import first_line
 from models.settings import Settings
 from models.sweep import DiscardFiles, SweepReport, run_sweep
 
@@ -98,7 +99,7 @@ def enqueue(
             logger.warning(
                 "job_enqueue_unrecorded",
                 count=len(sent),
-                reason=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                reason=first_line(exc),
             )
     return sent
 

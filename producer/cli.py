@@ -19,7 +19,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from models import accounts, jobs, migrate
 from models.db import session_scope
-from models.errors import AdpaError, InvalidInput, NotFound, SettingsError
+from models.errors import (
+    AdpaError,
+    InvalidInput,
+    NotFound,
+    SettingsError,
+    first_line,
+)
 from models.logs import configure_logging
 from models.settings import ENV_PREFIX, TEST_PREFIX, Settings, load_settings
 from models.tables import Job, JobStatus, Template
@@ -325,8 +331,7 @@ def _read_input(source: BinaryIO | TextIO, max_bytes: int | None = None) -> Any:
         where = f"line {exc.lineno} column {exc.colno}"
         raise InvalidInput(f"{name} is not valid JSON: {exc.msg} at {where}") from None
     except ValueError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InvalidInput(f"{name} is not valid JSON: {reason}") from None
+        raise InvalidInput(f"{name} is not valid JSON: {first_line(exc)}") from None
     except RecursionError:
         raise InvalidInput(f"{name} is nested too deeply") from None
 

@@ -19,7 +19,13 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from models import jobs
 from models.db import session_scope
-from models.errors import InternalError, PermanentError, RenderTimeout, TransientError
+from models.errors import (
+    InternalError,
+    PermanentError,
+    RenderTimeout,
+    TransientError,
+    first_line,
+)
 from models.jobs import ClaimedJob, StoredDocument
 from models.settings import Settings
 from models.tables import MAX_SERIAL_ID
@@ -115,7 +121,7 @@ def run_job(
     try:
         claim, reason, due_in_s = _claim(job_id, task_id, worker, settings)
     except DBAPIError as exc:
-        error = _first_line(exc)
+        error = first_line(exc)
         if not database_unreachable(exc):
             # Asking again would be refused the same way, for ever.
             log.error("message_dropped", reason="the claim was refused", error=error)
@@ -167,11 +173,6 @@ def run_job(
             # Whatever ended the attempt, a file it wrote must not outlive it.
             _discard_unrecorded(claim, settings, storage)
     return Delivery(Outcome.DONE)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc)
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _claim(
@@ -284,7 +285,7 @@ def _record_transient(
     A cancel asked for while the attempt ran wins over both.
     """
     kind = exc.kind if isinstance(exc, TransientError) else "database_error"
-    error = _first_line(exc)
+    error = first_line(exc)
     spent = claim.attempt >= claim.max_attempts
     message = f"{error} (gave up after {claim.attempt} attempts)" if spent else error
     delay_s = backoff_delay(settings, claim.attempt)

@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from models import jobs
 from models.db import session_scope
+from models.errors import first_line
 from models.jobs import ClaimedJob
 from models.settings import Settings
 
@@ -63,5 +64,5 @@ class LeaseKeeper:
                 )
         except SQLAlchemyError as exc:
             # The lease may run out; the sweep then gives the job to another try.
-            logger.warning("lease_renewal_failed", error=str(exc).splitlines()[0])
+            logger.warning("lease_renewal_failed", error=first_line(exc))
         return self.state
