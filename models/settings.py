@@ -201,8 +201,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 "ADPA_TASK_SOFT_TIME_LIMIT_S must be lower than ADPA_TASK_TIME_LIMIT_S"
             )
-        queues = [self.default_queue, self.bulk_queue, self.sweep_queue]
-        if len(set(queues)) != len(queues):
+        if len(set(self.worker_queues)) != len(self.worker_queues):
             raise ValueError(
                 "ADPA_DEFAULT_QUEUE, ADPA_BULK_QUEUE and ADPA_SWEEP_QUEUE must be "
                 "three different queues"

@@ -34,6 +34,7 @@ from models.errors import Conflict, InvalidInput, NotFound, TemplateNotFound
 from models.logs import default_to_stdlib
 from models.settings import Settings, load_settings
 from models.tables import MAX_SERIAL_ID, Job, JobStatus, Template
+from models.templates import MAX_LABEL_CHARS
 from models.types import label_problem, unstorable_text
 from producer.broker import create_sender, enqueue
 
@@ -134,6 +135,33 @@ def _check_text(value: Any, what: str, max_chars: int) -> None:
         raise InvalidInput(f"{what} {problem}")
 
 
+def _check_requests(batch: Sequence[Any]) -> None:
+    """Refuse, naming it, a request whose fields no job could have.
+
+    These checks need no database, so they run once, before the transaction
+    (which runs again when a concurrent submission wins an idempotency key).
+    """
+    for position, request in enumerate(batch):
+        where = f"request {position + 1}: " if len(batch) > 1 else ""
+        if not isinstance(request, JobRequest):
+            raise InvalidInput(
+                f"request {position + 1}: expected a JobRequest, not "
+                f"{type(request).__name__}"
+            )
+        _check_text(request.template, f"{where}the template name", MAX_LABEL_CHARS)
+        if request.idempotency_key is not None:
+            _check_text(
+                request.idempotency_key,
+                f"{where}an idempotency key",
+                MAX_IDEMPOTENCY_KEY,
+            )
+        when = request.not_before
+        if when is not None and (
+            not isinstance(when, datetime) or when.utcoffset() is None
+        ):
+            raise InvalidInput(f"{where}not_before must be a timezone-aware datetime")
+
+
 def _json_kind(value: Any) -> str:
     names = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
     for kind, name in names.items():
@@ -219,12 +247,7 @@ class JobClient:
                 f"requests must be an iterable of JobRequest, not "
                 f"{type(requests).__name__}"
             ) from None
-        for position, request in enumerate(batch, start=1):
-            if not isinstance(request, JobRequest):
-                raise InvalidInput(
-                    f"request {position}: expected a JobRequest, not "
-                    f"{type(request).__name__}"
-                )
+        _check_requests(batch)
         if queue not in queues:
             raise InvalidInput(
                 f"unknown queue {queue!r}; workers consume {queues[0]} and {queues[1]}"
@@ -266,22 +289,6 @@ class JobClient:
     def _prepare(
         self, session: Any, user_id: int, batch: Sequence[JobRequest], queue: str
     ) -> tuple[list[jobs.NewJob], list[int], dict[int, int]]:
-        for position, request in enumerate(batch):
-            where = f"request {position + 1}: " if len(batch) > 1 else ""
-            _check_text(request.template, f"{where}the template name", 255)
-            if request.idempotency_key is not None:
-                _check_text(
-                    request.idempotency_key,
-                    f"{where}an idempotency key",
-                    MAX_IDEMPOTENCY_KEY,
-                )
-            when = request.not_before
-            if when is not None and (
-                not isinstance(when, datetime) or when.utcoffset() is None
-            ):
-                raise InvalidInput(
-                    f"{where}not_before must be a timezone-aware datetime"
-                )
         names = {request.template for request in batch}
         template_ids = dict(
             session.execute(
